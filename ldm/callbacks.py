@@ -1,0 +1,61 @@
+"""Lightning callbacks of a training run: adapter snapshots and sample grids."""
+import os
+
+import pytorch_lightning as pl
+import torch
+import torchvision
+from PIL import Image
+
+
+def save_image_grid(images, path, nrow=None):
+    """Save images in [-1, 1] (b, c, h, w) as one PNG grid, atomically."""
+    images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    grid = torchvision.utils.make_grid(images, nrow=nrow or max(1, int(len(images) ** 0.5)), padding=2)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp.png"
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
+    os.replace(tmp, path)
+    return grid
+
+
+class AdapterCheckpoint(pl.Callback):
+    """`checkpoints/adapter_gs-<step>/` every `every_n_train_steps` steps and `checkpoints/adapter/` at the end,
+    in the authors' file format plus our own safetensors with metadata."""
+
+    def __init__(self, dirpath, every_n_train_steps=250, base_class_word=None):
+        self.dirpath, self.every, self.base_class_word = dirpath, every_n_train_steps, base_class_word
+
+    def save(self, pl_module, name, step):
+        meta = {"global_step": str(step), "base_class_word": self.base_class_word or "",
+                "base_fingerprint": pl_module.base_fingerprint or ""}
+        pl_module.cond_stage_model.adapter_save(os.path.join(self.dirpath, name), metadata=meta)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every and step % self.every == 0 and trainer.is_global_zero:
+            self.save(pl_module, f"adapter_gs-{step - 1}", step)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.save(pl_module, "adapter", trainer.global_step)
+
+
+class ImageLogger(pl.Callback):
+    """Sample grids with and without the learned concept every `batch_frequency` steps (and after the last one)."""
+
+    def __init__(self, batch_frequency=500, max_images=4, ddim_steps=50, **ignored):
+        self.every, self.max_images, self.ddim_steps = batch_frequency, max_images, ddim_steps
+
+    def log(self, trainer, pl_module, batch):
+        captions = list(batch[pl_module.cond_stage_key])[: self.max_images]
+        images = pl_module.log_images(captions, ddim_steps=self.ddim_steps)
+        folder = os.path.join(trainer.default_root_dir, "images", "train")
+        for key, value in images.items():
+            grid = save_image_grid(value, os.path.join(folder, f"{key}_gs-{trainer.global_step:06d}.png"))
+            for logger in trainer.loggers:
+                if hasattr(logger.experiment, "add_image"):
+                    logger.experiment.add_image(f"train/{key}", grid, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every and trainer.global_step % self.every == 0 and trainer.is_global_zero:
+            self.log(trainer, pl_module, batch)

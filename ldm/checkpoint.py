@@ -1,0 +1,141 @@
+"""Reading and writing Stable Diffusion v1 checkpoints (CompVis key layout), strictly and safely.
+
+Real checkpoints are `.ckpt` pickles (a `state_dict` inside, or a bare dict) or `.safetensors` files. Pickles are
+only ever opened with `weights_only=True`: a checkpoint from a stranger must not be able to run code.
+The text encoder's keys follow transformers 4.x (`...transformer.text_model.embeddings...`); transformers 5.x
+dropped the `text_model` level, so keys are mapped on the way in and out.
+"""
+import hashlib
+import os
+import pickle
+import re
+import zipfile
+
+import torch
+
+TEXT_PREFIX = "cond_stage_model.transformer."
+TEXT_4X_PREFIX = TEXT_PREFIX + "text_model."
+
+# Present in real checkpoints but derived from the config (schedule buffers), unused (EMA weights) or
+# obsolete (position ids, which transformers now rebuilds): accepted and dropped without a word.
+_KNOWN_EXTRAS = re.compile(
+    r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
+    r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod"
+    r"|posterior_variance|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2"
+    r"|logvar|lvlb_weights|model_ema\..*|.*\.position_ids|first_stage_model\.loss\..*)$"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming the problem and the fix."""
+
+
+def read_state_dict(path):
+    """All tensors of a `.ckpt`/`.pt`/`.bin`/`.safetensors` file as a flat dict, opened without unpickling code."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}; pass the path of an SD v1.x .ckpt or .safetensors file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds pickled Python objects beyond tensors, which are refused because unpickling them could run code "
+            f"({str(e).splitlines()[0][:120]}); convert it to .safetensors with a tool you trust"
+        ) from None
+    except Exception as e:  # truncated zip, garbage bytes, bad safetensors header, ...
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'no detail'}); "
+            "the file is corrupt or truncated, download it again"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors; pass an SD v1.x checkpoint")
+    return obj
+
+
+def keys_from_sd(state_dict):
+    """SD-checkpoint keys (transformers 4.x spelling) to our model's keys."""
+    return {(TEXT_PREFIX + k[len(TEXT_4X_PREFIX):] if k.startswith(TEXT_4X_PREFIX) else k): v for k, v in state_dict.items()}
+
+
+def keys_to_sd(state_dict):
+    """Our model's keys to the SD-checkpoint spelling that every other tool reads."""
+    return {(TEXT_4X_PREFIX + k[len(TEXT_PREFIX):] if k.startswith(TEXT_PREFIX) else k): v for k, v in state_dict.items()}
+
+
+def _describe(keys, n=3):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def check_fits(model_state, ckpt_state, path):
+    """Raise one clear CheckpointError unless `ckpt_state` has exactly the model's keys and shapes."""
+    if any(k.startswith("cond_stage_model.model.") for k in ckpt_state) or any(k.startswith("conditioner.") for k in ckpt_state):
+        raise CheckpointError(
+            f"{path} is an SD 2.x/SDXL checkpoint (OpenCLIP text encoder); this project needs SD v1.x, e.g. v1-5-pruned-emaonly.ckpt"
+        )
+    if not any(k.startswith("model.diffusion_model.") for k in ckpt_state):
+        raise CheckpointError(f"{path} has no `model.diffusion_model.*` keys, so it is not a Stable Diffusion v1.x checkpoint")
+    missing = set(model_state) - set(ckpt_state)
+    unexpected = {k for k in set(ckpt_state) - set(model_state) if not _KNOWN_EXTRAS.match(k)}
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_describe(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_describe(unexpected)}")
+        raise CheckpointError(f"{path} does not match the model config: {'; '.join(parts)}; check --config / --base")
+    for k, v in model_state.items():
+        if tuple(v.shape) != tuple(ckpt_state[k].shape):
+            raise CheckpointError(
+                f"{path}: shape mismatch for {k}: checkpoint {tuple(ckpt_state[k].shape)}, model {tuple(v.shape)}; "
+                "the checkpoint was made for another model size, check --config / --base"
+            )
+
+
+def load_checkpoint_into(model, path, verbose=True):
+    """Load an SD-format checkpoint strictly into `model` (a LatentDiffusion) and remember its fingerprint."""
+    ckpt_state = keys_from_sd(read_state_dict(path))
+    model_state = model.state_dict()
+    check_fits(model_state, ckpt_state, path)
+    model.load_state_dict({k: ckpt_state[k] for k in model_state}, strict=True)
+    model.base_fingerprint = fingerprint(path)
+    if verbose:
+        print(f"Loaded {len(model_state)} tensors from {path}")
+    return model
+
+
+def save_checkpoint(model, path, dtype=None, extra=None):
+    """Write `model` as an SD v1 checkpoint (`.ckpt` with a `state_dict`, or `.safetensors`), atomically."""
+    path = os.fspath(path)
+    state = keys_to_sd({k: v.detach().to(dtype) if dtype and v.is_floating_point() else v.detach()
+                        for k, v in model.state_dict().items()})
+    state.update(extra or {})
+    state = {k: v.contiguous() for k, v in state.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, tmp)
+    else:
+        torch.save({"state_dict": state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def fingerprint(path, chunk=1 << 22):
+    """A cheap identity for a (multi-GB) weights file: size plus hashes of its first and last 4 MiB."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(size - chunk, chunk))
+            h.update(f.read())
+    return h.hexdigest()[:16]

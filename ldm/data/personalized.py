@@ -1,0 +1,107 @@
+"""A few photos of one concept, each paired with a caption made from its base class word (CatVersion's training set)."""
+import os
+import random
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+INTERPOLATIONS = {
+    "linear": Image.Resampling.BILINEAR,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def list_images(folder):
+    """Image files of `folder` (not hidden, known extension), sorted; a one-line error if there are none."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"data folder not found: {folder}; pass --data_root with a folder of 3-10 photos of your concept")
+    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise ValueError(f"no images (.jpg, .jpeg, .png, .webp) in {folder}; put 3-10 photos of your concept there")
+    return [os.path.join(folder, n) for n in names]
+
+
+def load_rgb(path):
+    """Any PIL mode (CMYK, RGBA, palette, 16-bit, grey) as 8-bit RGB, upright according to its EXIF orientation."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits instead of clipping
+            arr = np.asarray(im, dtype=np.float64)
+            arr = arr / max(arr.max(), 1.0) * 255.0
+            im = Image.fromarray(arr.astype(np.uint8))
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent areas become white, not black
+            im = Image.alpha_composite(background, im)
+        return im.convert("RGB")
+
+
+class PersonalizedBase(Dataset):
+    """The reference's dataset, with the caption built from `base_class_word` through `templates`.
+
+    Unreadable images are skipped with a warning naming them (a corrupt file among good ones should not cost a run);
+    a folder without any readable image is an error.
+    """
+
+    def __init__(
+        self,
+        data_root,
+        size=None,
+        repeats=100,
+        interpolation="bicubic",
+        flip_p=0.5,
+        set="train",
+        center_crop=False,
+        base_class_word=None,
+        templates=("{}",),
+        placeholder_token=None,
+        **ignored,  # reference keys that CatVersion does not use (per_image_tokens, mixing_prob, coarse_class_text)
+    ):
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {interpolation!r}; use one of {sorted(INTERPOLATIONS)}")
+        word = base_class_word or placeholder_token
+        if not word:
+            raise ValueError("no base class word; pass --init_word WORD (e.g. teddybear) naming the kind of thing your concept is")
+        self.images, bad = [], []
+        for path in list_images(data_root):
+            try:
+                self.images.append(load_rgb(path))
+            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for corrupt, truncated or unknown files
+                bad.append(f"{os.path.basename(path)} ({type(e).__name__})")
+        if bad:
+            warnings.warn(f"skipping unreadable images in {data_root}: {', '.join(bad)}")
+        if not self.images:
+            raise ValueError(f"none of the images in {data_root} could be read; replace them with ordinary JPEG or PNG files")
+        self.captions = [t.format(word) for t in templates]
+        self.size, self.flip_p, self.center_crop = size, flip_p, center_crop
+        self.interpolation = INTERPOLATIONS[interpolation]
+        self.num_images = len(self.images)
+        self._length = self.num_images * repeats if set == "train" else self.num_images
+
+    def __len__(self):
+        return self._length
+
+    def prepare(self, i, flip):
+        """Image i as (size, size, 3) floats in [-1, 1], resized like the reference (whole image, or centre crop first)."""
+        img = self.images[i % self.num_images]
+        if self.center_crop:
+            w, h = img.size
+            s = min(w, h)
+            img = img.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2))
+        if self.size is not None:
+            img = img.resize((self.size, self.size), resample=self.interpolation)
+        if flip:
+            img = ImageOps.mirror(img)
+        return (np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
+
+    def __getitem__(self, i):
+        return {
+            "image": self.prepare(i, random.random() < self.flip_p),
+            "caption": random.choice(self.captions),
+        }

@@ -1,0 +1,34 @@
+"""Config plumbing in the CompVis style: every model is built from a `target:` path and its `params:`."""
+import importlib
+
+from omegaconf import OmegaConf
+
+
+def get_obj_from_str(string, reload=False):
+    module, cls = string.rsplit(".", 1)
+    if reload:
+        importlib.reload(importlib.import_module(module))
+    return getattr(importlib.import_module(module, package=None), cls)
+
+
+def instantiate_from_config(config):
+    if "target" not in config:
+        if config in ("__is_first_stage__", "__is_unconditional__"):
+            return None
+        raise KeyError("Expected key `target` to instantiate.")
+    params = config.get("params", dict())
+    if OmegaConf.is_config(params):
+        params = OmegaConf.to_container(params, resolve=True)
+    return get_obj_from_str(config["target"])(**params)
+
+
+def load_model_from_config(config, ckpt_path=None, device="cpu", verbose=True):
+    """Build `config.model` and load an SD-format checkpoint into it (see `ldm.checkpoint`); eval mode."""
+    from ldm.checkpoint import load_checkpoint_into
+
+    if "model" in config:
+        config = config.model
+    model = instantiate_from_config(config)
+    if ckpt_path is not None:
+        load_checkpoint_into(model, ckpt_path, verbose=verbose)
+    return model.to(device).eval()

@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Train a CatVersion concept on frozen Stable Diffusion v1.x, with the flags of the LDM / Textual Inversion code bases.
+
+    python main.py --base configs/stable-diffusion/v1-finetune.yaml -t --actual_resume models/sd/v1-5.ckpt \\
+        -n teddybear --gpus 0, --data_root data/teddybear --init_word teddybear
+"""
+import argparse
+import datetime
+import difflib
+import glob
+import os
+import sys
+
+from omegaconf import OmegaConf
+
+from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (reference configs name `main.DataModuleFromConfig`)
+from ldm.callbacks import AdapterCheckpoint, ImageLogger  # noqa: F401  (and `main.ImageLogger`)
+
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError("Boolean value expected.")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
+                   help="config files, merged left to right; then `key=value` overrides from the command line")
+    p.add_argument("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
+    p.add_argument("-n", "--name", default="", help="postfix of the run folder name")
+    p.add_argument("-r", "--resume", default="", help="resume from a run folder or a checkpoint inside it")
+    p.add_argument("--actual_resume", default=None, help="the base model: an SD v1.x .ckpt or .safetensors")
+    p.add_argument("--data_root", default=None, help="folder with the concept's photos")
+    p.add_argument("--init_word", default=None, help="the concept's base class word, e.g. teddybear (the training caption)")
+    p.add_argument("-l", "--logdir", default="logs", help="where run folders are made")
+    p.add_argument("-s", "--seed", type=int, default=23, help="seed for everything")
+    p.add_argument("--gpus", default=None, help="GPU ids as Lightning takes them, e.g. `0,`; CPU when omitted")
+    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
+                   help="scale base_lr by accumulate_grad_batches * n_devices * batch_size")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def check_overrides(config, dotlist):
+    """A typo in `key=value` must not silently add a key that nothing reads."""
+    for item in dotlist:
+        if "=" not in item:
+            raise ValueError(f"cannot parse argument {item!r}; overrides look like lightning.trainer.max_steps=20")
+        key = item.split("=", 1)[0]
+        node, parts = config, key.split(".")
+        for i, part in enumerate(parts):
+            if not OmegaConf.is_dict(node) or part not in node:
+                known = list(node.keys()) if OmegaConf.is_dict(node) else []
+                guess = difflib.get_close_matches(part, known, n=1)
+                hint = f"did you mean {'.'.join(parts[:i] + guess)}?" if guess else "check the config files"
+                raise ValueError(f"unknown config key {key!r} in override {item!r}; {hint}")
+            node = node[part]
+
+
+def load_config(opt, unknown):
+    configs = [OmegaConf.load(c) for c in opt.base]
+    config = OmegaConf.merge(*configs)
+    check_overrides(config, unknown)
+    config = OmegaConf.merge(config, OmegaConf.from_dotlist(unknown))
+    train = config.data.params.train.params
+    if opt.data_root is not None:
+        train.data_root = opt.data_root
+    if opt.init_word is not None:
+        train.base_class_word = opt.init_word
+    return config
+
+
+def resolve_resume(opt):
+    """(run folder, checkpoint path) for --resume given a folder or a file inside it."""
+    if not os.path.exists(opt.resume):
+        raise ValueError(f"cannot resume: {opt.resume} does not exist; pass a run folder under {opt.logdir}/")
+    if os.path.isfile(opt.resume):
+        logdir = os.path.dirname(os.path.dirname(os.path.abspath(opt.resume)))
+        return logdir, opt.resume
+    ckpt = os.path.join(opt.resume, "checkpoints", "last.ckpt")
+    if not os.path.isfile(ckpt):
+        raise ValueError(f"cannot resume: {ckpt} not found; the run saved no checkpoint yet, start it again without --resume")
+    return opt.resume.rstrip("/"), ckpt
+
+
+def run(opt, unknown):
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from ldm.checkpoint import load_checkpoint_into
+    from ldm.util import instantiate_from_config
+
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    ckpt_path = None
+    if opt.resume:
+        logdir, ckpt_path = resolve_resume(opt)
+        if not opt.base:
+            opt.base = sorted(glob.glob(os.path.join(logdir, "configs", "*-project.yaml")))
+    else:
+        if not opt.base:
+            raise ValueError("no config; pass --base configs/stable-diffusion/v1-finetune.yaml (or configs/tiny/v1-finetune.yaml)")
+        data_name = os.path.basename(os.path.normpath(opt.data_root)) if opt.data_root else ""
+        logdir = os.path.join(opt.logdir, f"{data_name}{now}_{opt.name}" if opt.name else f"{data_name}{now}")
+    config = load_config(opt, unknown)
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    trainer_config = lightning_config.get("trainer", OmegaConf.create())
+    ckptdir = os.path.join(logdir, "checkpoints")
+
+    pl.seed_everything(opt.seed, verbose=False)
+    data = instantiate_from_config(config.data)
+    data.setup()  # bad data fails here, before the model costs minutes to load
+    model = instantiate_from_config(config.model)
+    if opt.actual_resume:
+        load_checkpoint_into(model, opt.actual_resume)
+    elif not opt.resume:
+        print("Warning: no --actual_resume; training on a randomly initialised base model")
+
+    bs, base_lr = config.data.params.batch_size, config.model.base_learning_rate
+    use_gpu = opt.gpus is not None and torch.cuda.is_available()
+    ngpu = len([g for g in str(opt.gpus).strip(",").split(",") if g.strip()]) if use_gpu else 1
+    accumulate = trainer_config.get("accumulate_grad_batches", 1)
+    if opt.scale_lr:
+        model.learning_rate = accumulate * ngpu * bs * base_lr
+        print(f"Setting learning rate to {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) * "
+              f"{ngpu} (num_gpus) * {bs} (batchsize) * {base_lr:.2e} (base_lr)")
+    else:
+        model.learning_rate = base_lr
+        print(f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {model.learning_rate:.2e}")
+
+    os.makedirs(os.path.join(logdir, "configs"), exist_ok=True)
+    OmegaConf.save(config, os.path.join(logdir, "configs", f"{now}-project.yaml"))
+    OmegaConf.save(OmegaConf.create({"lightning": lightning_config}), os.path.join(logdir, "configs", f"{now}-lightning.yaml"))
+
+    every = lightning_config.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 250)
+    callbacks = [
+        ModelCheckpoint(dirpath=ckptdir, filename="{epoch:06}-{step:09}", every_n_train_steps=every, save_last=True, save_top_k=-1),
+        AdapterCheckpoint(ckptdir, every_n_train_steps=every, base_class_word=config.data.params.train.params.get("base_class_word")),
+    ]
+    for cb_cfg in lightning_config.get("callbacks", {}).values():
+        callbacks.append(instantiate_from_config(cb_cfg))
+    trainer_kwargs = dict(OmegaConf.to_container(trainer_config, resolve=True))
+    trainer_kwargs.pop("gpus", None)
+    trainer = pl.Trainer(
+        **{"max_epochs": -1, **trainer_kwargs},
+        accelerator="gpu" if use_gpu else "cpu",
+        devices=ngpu if use_gpu else 1,
+        default_root_dir=logdir,
+        callbacks=callbacks,
+        logger=[TensorBoardLogger(logdir, name="tensorboard", version=""), CSVLogger(logdir, name="csv", version="")],
+        enable_progress_bar=True,
+    )
+    if opt.train:
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+    print(f"Run folder: {logdir}")
+    return logdir
+
+
+def main(argv=None):
+    opt, unknown = get_parser().parse_known_args(argv)
+    try:
+        return run(opt, unknown)
+    except (ValueError, OSError) as e:
+        if opt.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
