@@ -75,6 +75,17 @@ def load_config(opt, unknown):
     return config
 
 
+def learning_rate(config, trainer_config, ngpu, scale_lr=True):
+    """The reference's rule: base_lr times the number of images per optimizer step; returns (lr, printed line)."""
+    bs, base_lr = config.data.params.batch_size, config.model.base_learning_rate
+    accumulate = trainer_config.get("accumulate_grad_batches", 1)
+    if not scale_lr:
+        return base_lr, f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {base_lr:.2e}"
+    lr = accumulate * ngpu * bs * base_lr
+    return lr, (f"Setting learning rate to {lr:.2e} = {accumulate} (accumulate_grad_batches) * {ngpu} (num_gpus) * "
+                f"{bs} (batchsize) * {base_lr:.2e} (base_lr)")
+
+
 def resolve_resume(opt):
     """(run folder, checkpoint path) for --resume given a folder or a file inside it."""
     if not os.path.exists(opt.resume):
@@ -88,7 +99,8 @@ def resolve_resume(opt):
     return opt.resume.rstrip("/"), ckpt
 
 
-def run(opt, unknown):
+def run(opt, unknown, extra_callbacks=()):
+    """Set up (and with -t, train) a run; returns (run folder, model)."""
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -102,13 +114,16 @@ def run(opt, unknown):
     if opt.resume:
         logdir, ckpt_path = resolve_resume(opt)
         if not opt.base:
-            opt.base = sorted(glob.glob(os.path.join(logdir, "configs", "*-project.yaml")))
+            opt.base = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
     else:
         if not opt.base:
             raise ValueError("no config; pass --base configs/stable-diffusion/v1-finetune.yaml (or configs/tiny/v1-finetune.yaml)")
         data_name = os.path.basename(os.path.normpath(opt.data_root)) if opt.data_root else ""
         logdir = os.path.join(opt.logdir, f"{data_name}{now}_{opt.name}" if opt.name else f"{data_name}{now}")
     config = load_config(opt, unknown)
+    # The run's own inputs travel with its config, so that --resume needs nothing but the run folder.
+    run_config = config.pop("run", OmegaConf.create())
+    opt.actual_resume = opt.actual_resume or run_config.get("actual_resume")
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_config = lightning_config.get("trainer", OmegaConf.create())
     ckptdir = os.path.join(logdir, "checkpoints")
@@ -122,20 +137,14 @@ def run(opt, unknown):
     elif not opt.resume:
         print("Warning: no --actual_resume; training on a randomly initialised base model")
 
-    bs, base_lr = config.data.params.batch_size, config.model.base_learning_rate
     use_gpu = opt.gpus is not None and torch.cuda.is_available()
     ngpu = len([g for g in str(opt.gpus).strip(",").split(",") if g.strip()]) if use_gpu else 1
-    accumulate = trainer_config.get("accumulate_grad_batches", 1)
-    if opt.scale_lr:
-        model.learning_rate = accumulate * ngpu * bs * base_lr
-        print(f"Setting learning rate to {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) * "
-              f"{ngpu} (num_gpus) * {bs} (batchsize) * {base_lr:.2e} (base_lr)")
-    else:
-        model.learning_rate = base_lr
-        print(f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {model.learning_rate:.2e}")
+    model.learning_rate, message = learning_rate(config, trainer_config, ngpu, opt.scale_lr)
+    print(message)
 
     os.makedirs(os.path.join(logdir, "configs"), exist_ok=True)
-    OmegaConf.save(config, os.path.join(logdir, "configs", f"{now}-project.yaml"))
+    project = OmegaConf.merge(config, {"run": {"actual_resume": opt.actual_resume}})
+    OmegaConf.save(project, os.path.join(logdir, "configs", f"{now}-project.yaml"))
     OmegaConf.save(OmegaConf.create({"lightning": lightning_config}), os.path.join(logdir, "configs", f"{now}-lightning.yaml"))
 
     every = lightning_config.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 250)
@@ -145,10 +154,11 @@ def run(opt, unknown):
     ]
     for cb_cfg in lightning_config.get("callbacks", {}).values():
         callbacks.append(instantiate_from_config(cb_cfg))
+    callbacks.extend(extra_callbacks)
     trainer_kwargs = dict(OmegaConf.to_container(trainer_config, resolve=True))
     trainer_kwargs.pop("gpus", None)
     trainer = pl.Trainer(
-        **{"max_epochs": -1, **trainer_kwargs},
+        **{"max_epochs": -1, "log_every_n_steps": 1, **trainer_kwargs},
         accelerator="gpu" if use_gpu else "cpu",
         devices=ngpu if use_gpu else 1,
         default_root_dir=logdir,
@@ -159,7 +169,7 @@ def run(opt, unknown):
     if opt.train:
         trainer.fit(model, data, ckpt_path=ckpt_path)
     print(f"Run folder: {logdir}")
-    return logdir
+    return logdir, model
 
 
 def main(argv=None):

@@ -20,7 +20,9 @@ def save_image_grid(images, path, nrow=None):
 
 class AdapterCheckpoint(pl.Callback):
     """`checkpoints/adapter_gs-<step>/` every `every_n_train_steps` steps and `checkpoints/adapter/` at the end,
-    in the authors' file format plus our own safetensors with metadata."""
+    in the authors' file format plus our own safetensors with metadata; at the end also `last.ckpt` for `--resume`.
+
+    Names follow the reference: the snapshot after 1000 optimizer steps is `adapter_gs-999`."""
 
     def __init__(self, dirpath, every_n_train_steps=250, base_class_word=None):
         self.dirpath, self.every, self.base_class_word = dirpath, every_n_train_steps, base_class_word
@@ -38,6 +40,10 @@ class AdapterCheckpoint(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero:
             self.save(pl_module, "adapter", trainer.global_step)
+        last = os.path.join(self.dirpath, "last.ckpt")
+        trainer.save_checkpoint(last + ".tmp")
+        if trainer.is_global_zero:
+            os.replace(last + ".tmp", last)
 
 
 class ImageLogger(pl.Callback):
@@ -46,7 +52,7 @@ class ImageLogger(pl.Callback):
     def __init__(self, batch_frequency=500, max_images=4, ddim_steps=50, **ignored):
         self.every, self.max_images, self.ddim_steps = batch_frequency, max_images, ddim_steps
 
-    def log(self, trainer, pl_module, batch):
+    def log_samples(self, trainer, pl_module, batch):
         captions = list(batch[pl_module.cond_stage_key])[: self.max_images]
         images = pl_module.log_images(captions, ddim_steps=self.ddim_steps)
         folder = os.path.join(trainer.default_root_dir, "images", "train")
@@ -58,4 +64,4 @@ class ImageLogger(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every and trainer.global_step % self.every == 0 and trainer.is_global_zero:
-            self.log(trainer, pl_module, batch)
+            self.log_samples(trainer, pl_module, batch)

@@ -17,15 +17,15 @@ from ldm.util import instantiate_from_config  # noqa: E402
 
 
 def make_tiny_model(config_path="configs/tiny/v1-inference.yaml", seed=0):
-    """The tiny LatentDiffusion with every weight random: the zero-initialised output layers of a fresh UNet would make
-    its prediction constant and hide every bug (and every gradient) behind it."""
+    """The tiny LatentDiffusion with every weight random. The layers that a fresh UNet initialises to zero (each block's
+    output projection) get PyTorch's default initialisation instead: zeros would make the prediction ignore the
+    text and hide every bug, and every gradient, behind it."""
     torch.manual_seed(seed)
     model = instantiate_from_config(OmegaConf.load(config_path).model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and hasattr(module, "reset_parameters") and not weight.any():
+            module.reset_parameters()
     return model
 
 

@@ -1,0 +1,1 @@
+"""Evaluation metrics for personalized generations (CLIP-I, CLIP-T, masked CLIP-I)."""

@@ -1,0 +1,100 @@
+"""CatVersion's learned keys and values, concatenated to the CLIP text encoder's self-attention.
+
+For each covered layer, `num_tokens` extra key and value vectors, already in head space (they never pass
+through `k_proj`/`v_proj`), are *prepended* to the layer's keys and values. Every one of the 77 queries
+sees them (the causal mask only restricts the ordinary tokens), and their attention logits get
+`logit_bias` added: the reference implementation concatenated a tensor of ones to its additive causal
+mask, so its released adapters were trained with +1.0 on these logits (0.0 gives the "clean" variant).
+
+All numbers live in ONE flat parameter `control_trans` in the reference layout, read as
+`view(batch, num_tokens, n_layers * 2, heads, head_dim).permute(2, 0, 3, 1, 4).split(2)`:
+index 2*i along the `n_layers * 2` axis holds the keys of the i-th covered layer, 2*i+1 its values.
+
+Strength s (inference knob): log(s) is added to the extra columns' logits, i.e. the extra tokens'
+unnormalised attention weights are multiplied by s, as if the concept token appeared s times.
+s = 1 is the adapter exactly as trained; s = 0 bypasses the adapter entirely, so the text encoder is
+bit for bit the base model; values between or above interpolate/extrapolate smoothly.
+
+`concat_kv_attention` is registered with transformers as attention implementation "catversion". It
+finds the extra K/V of the module it serves in the `catversion_kv` keyword argument (a dict from
+attention module to a list of (keys, values, logit offset), one entry per active adapter), which
+`CLIPTextModel.forward(**kwargs)` hands down to every attention call. transformers builds no mask for an
+implementation it has no mask function for, so the layers get attention_mask=None and is_causal=True,
+exactly as with the stock "sdpa" implementation (SD v1 conditioning never passes a padding mask).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+ATTN_IMPLEMENTATION = "catversion"
+
+
+class ConcatKV(nn.Module):
+    def __init__(self, width, heads, layers=(9, 10, 11), num_tokens=1, init="randn", logit_bias=1.0, strength=1.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads; check the text encoder config")
+        if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
+            raise ValueError(f"concat_kv layers must be distinct non-negative layer indices, got {list(layers)}")
+        if num_tokens < 1:
+            raise ValueError(f"concat_kv num_tokens must be >= 1, got {num_tokens}")
+        if init not in ("randn", "zeros"):
+            raise ValueError(f"concat_kv init must be 'randn' (as the reference) or 'zeros', got {init!r}")
+        self.width, self.heads = int(width), int(heads)
+        self.layers, self.num_tokens = [int(i) for i in layers], int(num_tokens)
+        self.logit_bias = float(logit_bias)
+        self.strength = strength
+        numel = self.num_tokens * len(self.layers) * 2 * self.width
+        # Standard normal with no scaling, as the reference.
+        self.control_trans = nn.Parameter(torch.randn(numel) if init == "randn" else torch.zeros(numel))
+
+    @property
+    def strength(self):
+        return self._strength
+
+    @strength.setter
+    def strength(self, s):
+        if not s >= 0 or math.isinf(s):
+            raise ValueError(f"adapter strength must be a finite number >= 0 (0 = base model, 1 = as trained), got {s}")
+        self._strength = float(s)
+
+    @property
+    def logit_offset(self):
+        """What is added to the extra columns' logits: the trained bias plus log(strength)."""
+        return self.logit_bias + math.log(self.strength)
+
+    def kv(self, layer, batch):
+        """(extra_k, extra_v) of `layer` (a layer index), each (batch, heads, num_tokens, head_dim)."""
+        i = self.layers.index(layer)
+        per_layer = self.control_trans.view(1, self.num_tokens, len(self.layers) * 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return per_layer[2 * i].expand(batch, -1, -1, -1), per_layer[2 * i + 1].expand(batch, -1, -1, -1)
+
+    def extra_repr(self):
+        return f"layers={self.layers}, num_tokens={self.num_tokens}, logit_bias={self.logit_bias}, strength={self.strength}"
+
+
+def concat_kv_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, catversion_kv=None, **kwargs):
+    """transformers attention function: SDPA over [extra K/V of all active adapters, then the layer's own K/V]."""
+    extra = (catversion_kv or {}).get(module)
+    if not extra:
+        # Plain layer: exactly what the stock "sdpa" implementation computes (causal via is_causal).
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if attention_mask is not None:
+        raise ValueError("CatVersion's extra K/V do not support an attention_mask; SD v1 conditioning passes none")
+    n = query.shape[2]
+    # Explicit mask, never is_causal: torch aligns is_causal to the top-left corner, which would hide
+    # ordinary keys once the extra keys are prepended.
+    causal = torch.full((n, n), float("-inf"), dtype=query.dtype, device=query.device).triu(1)
+    columns = [torch.full((n, k.shape[2]), offset, dtype=query.dtype, device=query.device) for k, _, offset in extra]
+    mask = torch.cat(columns + [causal], dim=1)
+    keys = torch.cat([k.to(key.dtype) for k, _, _ in extra] + [key], dim=2)
+    values = torch.cat([v.to(value.dtype) for _, v, _ in extra] + [value], dim=2)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, concat_kv_attention)

@@ -1,0 +1,303 @@
+"""SD v1 text conditioning: the frozen CLIP ViT-L/14 text encoder, plus CatVersion's concatenated K/V adapters."""
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+import warnings
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ldm.modules.encoders.concat_kv import ATTN_IMPLEMENTATION, ConcatKV
+from ldm.modules.encoders.tokenizer import build_clip_tokenizer
+
+# The text tower of openai/clip-vit-large-patch14 as used by SD v1, with the real special-token ids.
+VIT_L_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+
+# File names of an adapter directory: the authors' pair, and ours (safetensors with metadata).
+AUTHORS_CONFIG, AUTHORS_WEIGHTS, OUR_WEIGHTS = "adapter_config.json", "pytorch_adapter.bin", "catversion.safetensors"
+# The authors' .bin holds the same tensor under one key per covered layer and one for the pool.
+_AUTHORS_TAIL = "prefix_tunings.prefix_tuning1.clip_text_model_self_prefix.control_trans"
+_AUTHORS_LAYER_KEY = "text_model.encoder.layers.{}.self_attn.prefix_tuning.pool." + _AUTHORS_TAIL
+_AUTHORS_POOL_KEY = "prefix_tuning." + _AUTHORS_TAIL
+_CONCAT_KV_KNOBS = ("layers", "num_tokens", "init", "logit_bias", "strength")
+
+
+def clip_keys_to_sd(state_dict):
+    """Keys of our `transformer` (transformers 5.x, `embeddings.…`) to the SD checkpoint spelling (4.x, `text_model.embeddings.…`)."""
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in state_dict.items()}
+
+
+def clip_keys_from_sd(state_dict):
+    """SD checkpoint keys under `cond_stage_model.transformer.` (4.x or 5.x spelling) to our `transformer`'s keys.
+
+    `embeddings.position_ids` (a buffer older checkpoints carry) is dropped: transformers rebuilds it.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        k = k[len("text_model."):] if k.startswith("text_model.") else k
+        if k != "embeddings.position_ids":
+            out[k] = v
+    return out
+
+
+class FrozenCLIPEmbedder(nn.Module):
+    """Prompts -> CLIP `last_hidden_state` (b, 77, width), frozen; optional CatVersion adapters.
+
+    Adapters are kept out of `state_dict()` (so base checkpoints stay clean) and out of `parameters()`
+    (train them through `adapter_parameters()`); they do follow `.to()`/`.half()`/`.cuda()`.
+    The first adapter is the trainable one (built from `concat_kv`, or loaded with `stack=False`);
+    adapters loaded with `stack=True` are further concepts, frozen, active together with it.
+    """
+
+    def __init__(self, text_config=None, max_length=77, concat_kv=None, freeze=True, **ignored):
+        super().__init__()  # `ignored` swallows reference kwargs such as version= and device=
+        config = CLIPTextConfig(**{**VIT_L_TEXT, **dict(text_config or {})})
+        self.transformer = CLIPTextModel._from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
+        self.tokenizer = build_clip_tokenizer(max_length)
+        self.max_length = max_length
+        self.frozen = freeze
+        if freeze:
+            self.freeze()
+        self._adapters = []  # a plain list, not a ModuleList: see the class docstring
+        self._adapters_enabled = True
+        if concat_kv is not None:
+            unknown = set(concat_kv) - set(_CONCAT_KV_KNOBS)
+            if unknown:
+                raise ValueError(f"unknown concat_kv option(s) {sorted(unknown)}; known: {list(_CONCAT_KV_KNOBS)}")
+            self._attach(ConcatKV(config.hidden_size, config.num_attention_heads, **concat_kv), trainable=True, source="concat_kv")
+
+    # --- frozen CLIP -------------------------------------------------------------------------------
+    def freeze(self):
+        self.transformer.eval()
+        for p in self.transformer.parameters():
+            p.requires_grad = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            self.transformer.eval()
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.half() all go through _apply; carry the unregistered adapters along.
+        super()._apply(fn, recurse)
+        for adapter in self._adapters:
+            adapter._apply(fn, recurse)
+        return self
+
+    @property
+    def width(self):
+        return self.transformer.config.hidden_size
+
+    @property
+    def heads(self):
+        return self.transformer.config.num_attention_heads
+
+    @property
+    def num_layers(self):
+        return self.transformer.config.num_hidden_layers
+
+    # --- text -> conditioning ----------------------------------------------------------------------
+    def tokenize(self, text):
+        """list[str] -> LongTensor (b, max_length): BOS, tokens, EOS, padded with EOS; warns once if any prompt was cut."""
+        text = [text] if isinstance(text, str) else list(text)
+        batch = self.tokenizer(text, truncation=True, max_length=self.max_length, padding="max_length", return_tensors="pt")
+        cut = [t for t, enc in zip(text, batch.encodings) if enc.overflowing]
+        if cut:
+            warnings.warn(f"{len(cut)} prompt(s) longer than {self.max_length} CLIP tokens were truncated, e.g. {cut[0][:80]!r}...", stacklevel=2)
+        return batch.input_ids
+
+    def encode_tokens(self, tokens):
+        """Token ids (b, max_length) -> last_hidden_state (b, max_length, width), with the active adapters."""
+        tokens = tokens.to(self.transformer.device)
+        extra = self._extra_kv(tokens.shape[0])
+        kwargs = {"catversion_kv": extra} if extra else {}
+        return self.transformer(input_ids=tokens, **kwargs).last_hidden_state
+
+    def forward(self, text):
+        return self.encode_tokens(self.tokenize(text))
+
+    def encode(self, text):
+        return self(text)
+
+    def _extra_kv(self, batch):
+        """{attention module: [(extra_k, extra_v, logit offset), ...]} over the active adapters."""
+        extra = {}
+        for adapter in self._adapters if self._adapters_enabled else ():
+            if adapter.strength == 0:  # s = 0 is the base model, bit for bit
+                continue
+            for layer in adapter.layers:
+                attn = self.transformer.encoder.layers[layer].self_attn
+                extra.setdefault(attn, []).append((*adapter.kv(layer, batch), adapter.logit_offset))
+        return extra
+
+    # --- adapters ----------------------------------------------------------------------------------
+    @property
+    def adapters(self):
+        return tuple(self._adapters)
+
+    def adapter_parameters(self):
+        return [p for a in self._adapters for p in a.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """Within this block the conditioning is the plain CLIP text encoder's (e.g. the unconditional embedding)."""
+        before, self._adapters_enabled = self._adapters_enabled, False
+        try:
+            yield self
+        finally:
+            self._adapters_enabled = before
+
+    def _attach(self, adapter, trainable, source):
+        if adapter.width != self.width or adapter.heads != self.heads:
+            raise ValueError(
+                f"adapter {source} was made for a text encoder of width {adapter.width} with {adapter.heads} heads, "
+                f"this one has width {self.width} with {self.heads} heads; was it trained for another base model?"
+            )
+        if max(adapter.layers) >= self.num_layers:
+            raise ValueError(
+                f"adapter {source} covers layers {adapter.layers}, but this text encoder has layers 0-{self.num_layers - 1}; "
+                "was it trained for another base model?"
+            )
+        p = next(self.transformer.parameters())
+        adapter.to(device=p.device, dtype=p.dtype)
+        adapter.control_trans.requires_grad_(trainable)
+        if trainable:
+            self._adapters = [adapter]
+        else:
+            self._adapters.append(adapter)
+
+    def adapter_save(self, directory, metadata=None):
+        """Write the trainable adapter to `directory` in the authors' format and as catversion.safetensors."""
+        if not self._adapters:
+            raise ValueError("no adapter to save; build the embedder with concat_kv={...} or call adapter_load first")
+        a = self._adapters[0]
+        flat = a.control_trans.detach().to("cpu", torch.float32).contiguous()
+        n = len(a.layers)
+        # The reference fixed its layers in code and wrote leave_out []; only other layer sets need leave_out.
+        deepest = list(range(self.num_layers - n, self.num_layers))
+        leave_out = [] if sorted(a.layers) == deepest else [i for i in range(self.num_layers) if i not in a.layers]
+        config = {
+            "config": {"architecture": "prefix_tuning", "bottleneck_size": 512, "cross_prefix": True, "dropout": 0.0,
+                       "encoder_prefix": True, "flat": True, "leave_out": leave_out, "non_linearity": "tanh",
+                       "prefix_length": a.num_tokens, "shared_gating": True, "use_gating": False},
+            "hidden_size": a.width, "model_class": "CLIPTextModel", "model_name": None, "model_type": "clip_text_model",
+            "name": "prefix_tuning1", "version": "3.2.1",
+        }
+        authors = {**{_AUTHORS_LAYER_KEY.format(i): flat for i in a.layers}, _AUTHORS_POOL_KEY: flat}
+        ours = {"layers": json.dumps(a.layers), "num_tokens": str(a.num_tokens), "logit_bias": repr(a.logit_bias),
+                "width": str(a.width), "heads": str(a.heads)}
+        ours.update({str(k): str(v) for k, v in (metadata or {}).items()})
+        os.makedirs(directory, exist_ok=True)
+        _atomic_write(os.path.join(directory, AUTHORS_CONFIG), lambda p: _write_text(p, json.dumps(config, indent=2)))
+        _atomic_write(os.path.join(directory, AUTHORS_WEIGHTS), lambda p: torch.save(authors, p))
+        _atomic_write(os.path.join(directory, OUR_WEIGHTS), lambda p: save_file({"control_trans": flat}, p, metadata=ours))
+
+    def adapter_load(self, path, strength=1.0, stack=False):
+        """Load an adapter (directory, .safetensors or the authors' .bin); stack=True adds it as another concept."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            ours, authors = os.path.join(path, OUR_WEIGHTS), os.path.join(path, AUTHORS_WEIGHTS)
+            path = ours if os.path.isfile(ours) else authors
+        if not os.path.isfile(path):
+            raise ValueError(f"adapter not found: {path}; pass an adapter directory, a .safetensors or a pytorch_adapter.bin")
+        flat, knobs = _read_safetensors(path) if path.endswith(".safetensors") else _read_authors_bin(path)
+        if "layers" not in knobs:
+            knobs["layers"] = self._authors_layers(path, flat.numel(), knobs)
+        n_expected = knobs["num_tokens"] * len(knobs["layers"]) * 2 * knobs.get("width", self.width)
+        if flat.numel() != n_expected:
+            raise ValueError(f"adapter {path} has {flat.numel()} numbers, its metadata implies {n_expected}; the file is corrupt")
+        adapter = ConcatKV(knobs.get("width", self.width), knobs.get("heads", self.heads), knobs["layers"],
+                           knobs["num_tokens"], init="zeros", logit_bias=knobs["logit_bias"], strength=strength)
+        with torch.no_grad():
+            adapter.control_trans.copy_(flat)
+        self._attach(adapter, trainable=not stack, source=path)
+        return adapter
+
+    def _authors_layers(self, path, numel, knobs):
+        """Layer set of a file without our metadata: from the number of floats, the deepest layers (or leave_out)."""
+        per_layer = 2 * self.width * knobs["num_tokens"]
+        if numel % per_layer:
+            raise ValueError(
+                f"adapter {path} has {numel} numbers, which is not a multiple of 2*{self.width}*{knobs['num_tokens']} for this "
+                f"text encoder (width {self.width}, {knobs['num_tokens']} token(s)); was it trained for another base model?"
+            )
+        n = numel // per_layer
+        if n > self.num_layers:
+            raise ValueError(
+                f"adapter {path} has {numel} numbers = {n} layers x 2 x width {self.width} x {knobs['num_tokens']} token(s), "
+                f"but this text encoder has {self.num_layers} layers; was it trained for another base model?"
+            )
+        leave_out = knobs.get("leave_out") or []
+        layers = [i for i in range(self.num_layers) if i not in leave_out] if leave_out else list(range(self.num_layers - n, self.num_layers))
+        if len(layers) != n:
+            raise ValueError(f"adapter {path} has {n} layers of numbers but its adapter_config.json leave_out keeps {len(layers)}; the files do not belong together")
+        return layers
+
+
+def _atomic_write(path, write):
+    """Write through a temporary name in the same directory, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_text(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _read_safetensors(path):
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta, keys = f.metadata() or {}, list(f.keys())
+            if keys != ["control_trans"]:
+                raise ValueError(f"adapter {path} should hold exactly one tensor 'control_trans', found {keys[:4]}; is it a CatVersion adapter?")
+            flat = f.get_tensor("control_trans")
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot read adapter {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the file is corrupt") from None
+    knobs = {"num_tokens": int(meta.get("num_tokens", 1)), "logit_bias": float(meta.get("logit_bias", 1.0))}
+    if "layers" in meta:
+        knobs["layers"] = [int(i) for i in json.loads(meta["layers"])]
+    knobs.update({k: int(meta[k]) for k in ("width", "heads") if k in meta})
+    return flat.float().flatten(), knobs
+
+
+def _read_authors_bin(path):
+    """The authors' pytorch_adapter.bin (same tensor under four keys), plus prefix_length/leave_out from adapter_config.json."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"adapter {path} holds pickled Python objects beyond tensors, refused because unpickling them could run code "
+            f"({str(e).splitlines()[0][:120]})"
+        ) from None
+    except Exception as e:
+        raise ValueError(f"cannot read adapter {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the file is corrupt") from None
+    tensors = [v for k, v in state.items() if k.endswith("control_trans")] if isinstance(state, dict) else []
+    if not tensors or not all(isinstance(t, torch.Tensor) and torch.equal(t, tensors[0]) for t in tensors):
+        raise ValueError(f"adapter {path} has no single `...control_trans` tensor; is it a CatVersion prefix-tuning adapter?")
+    knobs = {"num_tokens": 1, "logit_bias": 1.0}  # the reference's fixed +1 logit quirk
+    config_path = os.path.join(os.path.dirname(path), AUTHORS_CONFIG)
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f).get("config", {})
+        knobs["num_tokens"] = int(config.get("prefix_length", 1))
+        knobs["leave_out"] = [int(i) for i in config.get("leave_out", [])]
+    return tensors[0].float().flatten(), knobs

@@ -1,0 +1,67 @@
+#!/bin/sh
+# The reference's four examples (CatVersion run.sh): two concepts, two prompts each, DDIM 50 steps, guidance 10.
+# Without the SD v1.5 weights it says how to get them and runs a small example on the tiny random model instead.
+# Every setting below can be overridden from the environment, e.g. `TINY_STEPS=2 OUTDIR=/tmp/out sh run.sh`.
+# Relative paths are relative to this folder (the repository root).
+set -e
+cd "$(dirname "$0")"
+
+SD_CKPT="${SD_CKPT:-models/sd/v1-5.ckpt}"
+TEAPOT_ADAPTER="${TEAPOT_ADAPTER:-logs/colorful_teapot/checkpoints/adapter}"
+TEDDYBEAR_ADAPTER="${TEDDYBEAR_ADAPTER:-logs/teddybear/checkpoints/adapter}"
+OUTDIR="${OUTDIR:-outputs/txt2img-samples}"
+UC_DIR="${UC_DIR:-models/uc}"
+PYTHON="${PYTHON:-python}"
+# The tiny fallback: its checkpoint (made if missing), its number of DDIM steps, and the demo's adapter
+# (default: the newest logs/*example*/checkpoints/adapter, i.e. what the demo trained).
+TINY_CKPT="${TINY_CKPT:-models/tiny/tiny-sd.ckpt}"
+TINY_STEPS="${TINY_STEPS:-50}"
+TINY_ADAPTER="${TINY_ADAPTER:-}"
+
+txt2img() {
+    "$PYTHON" scripts/txt2img.py --ddim_eta 0.0 --n_samples 1 --n_iter 1 --scale 10 --outdir "$OUTDIR" --uc_dir "$UC_DIR" "$@"
+}
+
+# example ADAPTER CLASS_WORD PROMPT SEED
+example() {
+    if [ ! -e "$1" ]; then
+        echo "Skipping \"$3\": no adapter at $1. Train the $2 concept first:"
+        echo "  python main.py --base configs/stable-diffusion/v1-finetune.yaml -t --actual_resume $SD_CKPT -n $2 --gpus 0, --data_root data/$2 --init_word $2"
+        echo "then point this script at it: e.g. $(echo "$2" | tr '[:lower:]' '[:upper:]' | tr -d _)_ADAPTER=logs/<run folder>/checkpoints/adapter sh run.sh"
+        return 0
+    fi
+    txt2img --ddim_steps 50 --ckpt_path "$SD_CKPT" --embedding_path "$1" --prompt "$3" --seed "$4"
+}
+
+if [ -f "$SD_CKPT" ]; then
+    example "$TEAPOT_ADAPTER" colorful_teapot "colorful_teapot bicycle" 857
+    example "$TEAPOT_ADAPTER" colorful_teapot "colorful_teapot cake" 545
+    example "$TEDDYBEAR_ADAPTER" teddybear "teddybear on swimming pool" 231
+    example "$TEDDYBEAR_ADAPTER" teddybear "teddybear on the beach" 78
+    exit 0
+fi
+
+cat <<EOF
+Stable Diffusion v1.5 weights not found at $SD_CKPT.
+To run the reference examples, get the real weights (about 4 GB; accept the license on the model card):
+  download v1-5-pruned-emaonly.ckpt from the runwayml/stable-diffusion-v1-5 model card on Hugging Face
+  (https://huggingface.co/runwayml/stable-diffusion-v1-5) and save it as models/sd/v1-5.ckpt
+  (or run with SD_CKPT=/path/to/v1-5.ckpt sh run.sh).
+Meanwhile, a small example on the tiny random model (64x64, $TINY_STEPS steps): its images are not meaningful.
+EOF
+
+if [ ! -f "$TINY_CKPT" ]; then
+    "$PYTHON" scripts/make_tiny_model.py --out "$TINY_CKPT"
+fi
+if [ -z "$TINY_ADAPTER" ]; then
+    TINY_ADAPTER=$(ls -dt logs/*example*/checkpoints/adapter 2>/dev/null | head -n 1)
+fi
+if [ -n "$TINY_ADAPTER" ]; then
+    echo "Using the demo's adapter $TINY_ADAPTER (concept word: circle)."
+    set -- --embedding_path "$TINY_ADAPTER"
+else
+    echo "No demo adapter found (logs/*example*/checkpoints/adapter): sampling the tiny model without an adapter."
+    set --
+fi
+txt2img --config configs/tiny/v1-inference.yaml --ckpt_path "$TINY_CKPT" --H 64 --W 64 --ddim_steps "$TINY_STEPS" \
+    --prompt "circle on a green background" --seed 857 "$@"

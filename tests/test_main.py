@@ -1,0 +1,95 @@
+import copy
+import csv
+import glob
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import main
+from ldm.checkpoint import keys_from_sd, read_state_dict
+
+from .conftest import TINY_FINETUNE
+
+
+def test_reference_learning_rate_on_one_device_batch_2(capsys):
+    config = OmegaConf.load("configs/stable-diffusion/v1-finetune.yaml")
+    lr, line = main.learning_rate(config, config.lightning.trainer, ngpu=1)
+    assert lr == pytest.approx(1.0e-02) and config.data.params.batch_size == 2
+    assert line.startswith("Setting learning rate to 1.00e-02 = 1 (accumulate_grad_batches) * 1 (num_gpus) * 2 (batchsize)")
+
+
+def _train_args(tiny_ckpt, example_data, logdir, steps, every):
+    return [
+        "--base", TINY_FINETUNE, "-t", "--actual_resume", tiny_ckpt, "--data_root", example_data,
+        "--init_word", "circle", "-l", str(logdir), "-n", "test",
+        f"lightning.trainer.max_steps={steps}", f"lightning.modelcheckpoint.params.every_n_train_steps={every}",
+        f"lightning.callbacks.image_logger.params.batch_frequency={every}",
+        "lightning.callbacks.image_logger.params.ddim_steps=2", "lightning.callbacks.image_logger.params.max_images=2",
+        "data.params.train.params.repeats=4",
+    ]
+
+
+def test_tiny_training_run(tiny_ckpt, example_data, tmp_path, capsys):
+    logdir, model = main.run(*main.get_parser().parse_known_args(_train_args(tiny_ckpt, example_data, tmp_path, 6, 3)))
+    assert "Setting learning rate to 1.00e-02" in capsys.readouterr().out
+    assert os.path.basename(logdir).startswith("example") and logdir.endswith("_test")
+    # only the adapter trained: every frozen tensor is bitwise what the checkpoint holds
+    base = keys_from_sd(read_state_dict(tiny_ckpt))
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+    ck = os.path.join(logdir, "checkpoints")
+    for name in ("adapter_gs-2", "adapter_gs-5", "adapter"):
+        assert sorted(os.listdir(os.path.join(ck, name))) == ["adapter_config.json", "catversion.safetensors", "pytorch_adapter.bin"]
+    assert os.path.isfile(os.path.join(ck, "last.ckpt"))
+    # the final adapter is the trained one, and it moved away from its initialisation
+    enc = model.cond_stage_model
+    trained = [p.detach().clone() for p in enc.adapter_parameters()]
+    enc.adapter_load(os.path.join(ck, "adapter_gs-2"))
+    assert not torch.equal(trained[0], enc.adapter_parameters()[0])
+    enc.adapter_load(os.path.join(ck, "adapter"))
+    assert torch.equal(trained[0], enc.adapter_parameters()[0])
+    assert glob.glob(os.path.join(logdir, "configs", "*-project.yaml"))
+    assert os.path.isfile(os.path.join(logdir, "images", "train", "samples_gs-000003.png"))
+    assert os.path.isfile(os.path.join(logdir, "images", "train", "samples_base_gs-000006.png"))
+    with open(os.path.join(logdir, "csv", "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss_simple")]
+    assert len(rows) >= 5
+    assert glob.glob(os.path.join(logdir, "tensorboard", "events.out.tfevents.*"))
+
+
+
+def test_resume_continues_at_next_step_with_same_state(tiny_ckpt, example_data, tmp_path):
+    import pytorch_lightning as pl
+
+    logdir, _ = main.run(*main.get_parser().parse_known_args(_train_args(tiny_ckpt, example_data, tmp_path, 4, 2)))
+    saved = torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=False)
+    assert saved["global_step"] == 4
+
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if "step" not in seen:
+                seen["step"] = trainer.global_step
+                seen["adapter"] = [p.detach().clone() for p in pl_module.trainable_parameters()]
+                seen["opt"] = copy.deepcopy(trainer.optimizers[0].state_dict())  # AdamW updates in place
+
+    opt, unknown = main.get_parser().parse_known_args(["-t", "--resume", logdir, "lightning.trainer.max_steps=6"])
+    _, model = main.run(opt, unknown, extra_callbacks=[Probe()])
+    assert seen["step"] == 4  # the first step run after resuming is step k + 1 (global_step k before it)
+    assert all(torch.equal(a, b) for a, b in zip(seen["adapter"], saved["trainable"]))
+    state, ref = seen["opt"]["state"][0], saved["optimizer_states"][0]["state"][0]
+    assert torch.equal(state["exp_avg"], ref["exp_avg"]) and torch.equal(state["exp_avg_sq"], ref["exp_avg_sq"])
+    final = torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=False)
+    assert final["global_step"] == 6
+
+
+def test_unknown_override_key_is_refused(tiny_ckpt, example_data, tmp_path, capsys):
+    args = _train_args(tiny_ckpt, example_data, tmp_path, 2, 1) + ["lightning.trainer.max_step=3"]
+    with pytest.raises(SystemExit) as e:
+        main.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: unknown config key 'lightning.trainer.max_step' in override 'lightning.trainer.max_step=3'; "
+                   "did you mean lightning.trainer.max_steps?")

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.data.personalized import PersonalizedBase, load_rgb
+
+
+def _save(folder, name, img, **kw):
+    folder.mkdir(exist_ok=True)
+    img.save(folder / name, **kw)
+
+
+def test_captions_sizes_and_range(example_data):
+    ds = PersonalizedBase(example_data, size=32, repeats=3, base_class_word="circle", flip_p=0.0)
+    assert len(ds) == 15
+    item = ds[7]
+    assert item["caption"] == "circle"
+    assert item["image"].shape == (32, 32, 3) and item["image"].dtype == np.float32
+    assert -1.0 <= item["image"].min() and item["image"].max() <= 1.0
+    ds2 = PersonalizedBase(example_data, size=32, base_class_word="circle", templates=["a photo of a {}"], set="val")
+    assert len(ds2) == 5 and ds2[0]["caption"] == "a photo of a circle"
+
+
+def test_flip_mirrors(example_data):
+    ds = PersonalizedBase(example_data, size=32, base_class_word="circle")
+    assert np.array_equal(ds.prepare(1, flip=True), ds.prepare(1, flip=False)[:, ::-1])
+
+
+@pytest.mark.parametrize(
+    "mode", ["CMYK", "RGBA", "P", "L", "I;16", "LA", "1"],
+)
+def test_any_mode_becomes_rgb(tmp_path, mode):
+    rgb = Image.new("RGB", (10, 10), (200, 100, 50))
+    img = rgb.convert(mode) if mode != "I;16" else Image.fromarray((np.ones((10, 10)) * 40000).astype(np.uint16))
+    _save(tmp_path, "a.png" if mode not in ("CMYK",) else "a.jpg", img)
+    out = load_rgb(next(tmp_path.iterdir()))
+    assert out.mode == "RGB" and out.size == (10, 10)
+    if mode == "I;16":  # 16-bit grey is rescaled, not clipped to white
+        assert np.asarray(out).max() == 255
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    _save(tmp_path, "t.png", img)
+    assert np.asarray(load_rgb(tmp_path / "t.png"))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    img = Image.new("RGB", (20, 10), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    _save(tmp_path, "r.jpg", img, exif=exif)
+    assert load_rgb(tmp_path / "r.jpg").size == (10, 20)
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="data folder not found: .*; pass --data_root"):
+        PersonalizedBase(str(tmp_path / "nope"), base_class_word="x")
+    (tmp_path / "notes.txt").write_text("hi")
+    (tmp_path / ".hidden.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no images \(.jpg, .jpeg, .png, .webp\) in"):
+        PersonalizedBase(str(tmp_path), base_class_word="x")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ValueError, match="none of the images in .* could be read"):
+        PersonalizedBase(str(tmp_path), base_class_word="x")
+    with pytest.raises(ValueError, match="no base class word; pass --init_word"):
+        PersonalizedBase(str(tmp_path), base_class_word=None)
+
+
+def test_corrupt_image_among_good_ones_is_skipped_with_warning(example_data, tmp_path):
+    import shutil
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(example_data, folder)
+    good = (folder / "00.png").read_bytes()
+    (folder / "zz_truncated.png").write_bytes(good[: len(good) // 2])
+    with pytest.warns(UserWarning, match="skipping unreadable images .*zz_truncated.png"):
+        ds = PersonalizedBase(str(folder), base_class_word="circle", size=16)
+    assert ds.num_images == 5
