@@ -30,7 +30,7 @@ class AdapterCheckpoint(pl.Callback):
     def save(self, pl_module, name, step):
         meta = {"global_step": str(step), "base_class_word": self.base_class_word or "",
                 "base_fingerprint": pl_module.base_fingerprint or ""}
-        pl_module.cond_stage_model.adapter_save(os.path.join(self.dirpath, name), metadata=meta)
+        pl_module.save_personalization(os.path.join(self.dirpath, name), metadata=meta)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

@@ -3,6 +3,7 @@
 The diffusion math lives in plain functions (`ldm.modules.diffusionmodules.util`), the samplers in `ddim.py`/`plms.py`
 and the CatVersion mechanism in `ldm.modules.encoders.concat_kv`; this file only wires them together.
 """
+import os
 from contextlib import contextmanager
 
 import pytorch_lightning as pl
@@ -48,6 +49,7 @@ class LatentDiffusion(pl.LightningModule):
         scale_factor=0.18215,
         conditioning_key="crossattn",
         parameterization="eps",
+        personalization_config=None,
         **ignored,  # reference keys without meaning here (monitor, use_ema, log_every_t, ...)
     ):
         super().__init__()
@@ -58,6 +60,11 @@ class LatentDiffusion(pl.LightningModule):
         self.model = DiffusionWrapper(unet_config)
         self.first_stage_model = instantiate_from_config(first_stage_config)
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        # Textual Inversion baseline: learned word embeddings instead of (or besides) CatVersion's K/V.
+        self.embedding_manager = None
+        if personalization_config is not None:
+            self.embedding_manager = instantiate_from_config(personalization_config)
+            self.embedding_manager.attach(self.cond_stage_model)
         self.num_timesteps = timesteps
         betas = torch.as_tensor(make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end), dtype=torch.float64)
         # Derived from the config, so not part of the state dict (real checkpoints carry them; the loader ignores them).
@@ -123,13 +130,24 @@ class LatentDiffusion(pl.LightningModule):
         return loss
 
     def trainable_parameters(self):
-        return list(self.cond_stage_model.adapter_parameters())
+        params = list(self.cond_stage_model.adapter_parameters())
+        if self.embedding_manager is not None:
+            params += list(self.embedding_manager.embedding_parameters())
+        return params
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
         if not params:
-            raise ValueError("nothing to train: the text encoder has no adapter; add `concat_kv:` to cond_stage_config.params")
+            raise ValueError("nothing to train: add `concat_kv:` to cond_stage_config.params (or a personalization_config)")
         return torch.optim.AdamW(params, lr=self.learning_rate)
+
+    def save_personalization(self, directory, metadata=None):
+        """Write what was learned: the CatVersion adapter files and/or the Textual Inversion `embeddings.pt`."""
+        if self.cond_stage_model.adapter_parameters():
+            self.cond_stage_model.adapter_save(directory, metadata=metadata)
+        if self.embedding_manager is not None:
+            os.makedirs(directory, exist_ok=True)
+            self.embedding_manager.save(os.path.join(directory, "embeddings.pt"))
 
     # Lightning checkpoints hold only what trains: a resumable file of kilobytes, not a copy of SD.
     def on_save_checkpoint(self, checkpoint):
