@@ -14,7 +14,15 @@ import sys
 from omegaconf import OmegaConf
 
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (reference configs name `main.DataModuleFromConfig`)
-from ldm.callbacks import AdapterCheckpoint, ImageLogger  # noqa: F401  (and `main.ImageLogger`)
+from ldm.callbacks import AdapterCheckpoint, ImageLogger, TrainingGuard  # noqa: F401  (and `main.ImageLogger`)
+
+
+class TrainingStopped(Exception):
+    """Training ended early but cleanly (signal, non-finite loss); carries the exit code."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
 
 
 def str2bool(v):
@@ -148,9 +156,13 @@ def run(opt, unknown, extra_callbacks=()):
     OmegaConf.save(OmegaConf.create({"lightning": lightning_config}), os.path.join(logdir, "configs", f"{now}-lightning.yaml"))
 
     every = lightning_config.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 250)
+    adapter_checkpoint = AdapterCheckpoint(
+        ckptdir, every_n_train_steps=every, base_class_word=config.data.params.train.params.get("base_class_word"))
+    guard = TrainingGuard(adapter_checkpoint)
     callbacks = [
         ModelCheckpoint(dirpath=ckptdir, filename="{epoch:06}-{step:09}", every_n_train_steps=every, save_last=True, save_top_k=-1),
-        AdapterCheckpoint(ckptdir, every_n_train_steps=every, base_class_word=config.data.params.train.params.get("base_class_word")),
+        adapter_checkpoint,
+        guard,
     ]
     for cb_cfg in lightning_config.get("callbacks", {}).values():
         callbacks.append(instantiate_from_config(cb_cfg))
@@ -167,7 +179,19 @@ def run(opt, unknown, extra_callbacks=()):
         enable_progress_bar=True,
     )
     if opt.train:
-        trainer.fit(model, data, ckpt_path=ckpt_path)
+        restore_signals = guard.install()
+        try:
+            trainer.fit(model, data, ckpt_path=ckpt_path)
+        except FloatingPointError as e:
+            raise TrainingStopped(
+                f"training stopped: {e}; the last good adapter is in {os.path.join(ckptdir, 'adapter')}; "
+                "lower model.base_learning_rate or check the images", 3) from None
+        finally:
+            restore_signals()
+        if guard.signal is not None:
+            raise TrainingStopped(
+                f"interrupted at step {trainer.global_step}; adapter and resumable checkpoint saved in {ckptdir}; "
+                f"continue with: python main.py --resume {logdir}", 128 + guard.signal)
     print(f"Run folder: {logdir}")
     return logdir, model
 
@@ -176,6 +200,9 @@ def main(argv=None):
     opt, unknown = get_parser().parse_known_args(argv)
     try:
         return run(opt, unknown)
+    except TrainingStopped as e:
+        print(f"error: {e}" if e.code == 3 else str(e), file=sys.stderr)
+        sys.exit(e.code)
     except (ValueError, OSError) as e:
         if opt.debug:
             raise

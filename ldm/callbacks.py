@@ -65,3 +65,49 @@ class ImageLogger(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every and trainer.global_step % self.every == 0 and trainer.is_global_zero:
             self.log_samples(trainer, pl_module, batch)
+
+
+class TrainingGuard(pl.Callback):
+    """Ctrl-C / SIGTERM and a non-finite loss end the run cleanly instead of losing it.
+
+    A signal lets the current step finish, then training stops normally, so the end-of-training saves
+    (`checkpoints/adapter/`, `checkpoints/last.ckpt`) run; a second Ctrl-C aborts at once. A NaN or infinite loss is
+    caught before its backward pass, so the adapter saved then is the last good one.
+    """
+
+    def __init__(self, adapter_checkpoint):
+        self.adapter_checkpoint = adapter_checkpoint
+        self.signal = None
+        self.last_good = None
+
+    def install(self):
+        """Take over SIGINT/SIGTERM; returns a function that gives them back."""
+        import signal
+
+        def handler(signum, frame):
+            if self.signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.signal = signum
+            print(f"\nReceived {signal.Signals(signum).name}: saving after this step (press Ctrl-C again to abort)", flush=True)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.signal is not None:
+            trainer.should_stop = True
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        params = pl_module.trainable_parameters()
+        if not torch.isfinite(loss.detach()).all():
+            if self.last_good is not None:
+                with torch.no_grad():
+                    for p, good in zip(params, self.last_good):
+                        p.copy_(good)
+            raise FloatingPointError(f"the loss is {loss.item()} at step {trainer.global_step}")
+        # the numbers that just gave a finite loss: a few KB, copied on the device without a sync
+        self.last_good = [p.detach().clone() for p in params]
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, FloatingPointError) and trainer.is_global_zero:
+            self.adapter_checkpoint.save(pl_module, "adapter", trainer.global_step)

@@ -31,10 +31,18 @@ class CheckpointError(ValueError):
 
 
 def read_state_dict(path):
-    """All tensors of a `.ckpt`/`.pt`/`.bin`/`.safetensors` file as a flat dict, opened without unpickling code."""
+    """All tensors of a `.ckpt`/`.pt`/`.bin`/`.safetensors` file as a flat dict, opened without unpickling code.
+
+    A diffusers folder (`dir` or `dir:variant`) is read through our own key mapping into the same SD layout.
+    """
+    from ldm.interop.diffusers_folder import parse_folder_path, read_diffusers_folder
+
     path = os.fspath(path)
+    if parse_folder_path(path):
+        return read_diffusers_folder(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}; pass the path of an SD v1.x .ckpt or .safetensors file")
+        raise CheckpointError(f"checkpoint not found: {path}; pass the path of an SD v1.x .ckpt or .safetensors file "
+                              "or of a diffusers folder (unet/, vae/, text_encoder/)")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -131,6 +139,10 @@ def save_checkpoint(model, path, dtype=None, extra=None):
 
 def fingerprint(path, chunk=1 << 22):
     """A cheap identity for a (multi-GB) weights file: size plus hashes of its first and last 4 MiB."""
+    from ldm.interop.diffusers_folder import folder_fingerprint, parse_folder_path
+
+    if parse_folder_path(path):
+        return folder_fingerprint(path)
     size = os.path.getsize(path)
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:

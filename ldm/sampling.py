@@ -161,7 +161,23 @@ def load_model(config, ckpt_path, device="cpu", embedding_paths=(), strengths=(1
         model = load_model_from_config(config, ckpt_path, verbose=verbose)
     for i, (path, strength) in enumerate(zip(embedding_paths, strengths)):
         model.cond_stage_model.adapter_load(path, strength=strength, stack=i > 0)
+        trained_on = _adapter_base_fingerprint(path)
+        if trained_on and model.base_fingerprint and trained_on != model.base_fingerprint:
+            warnings.warn(f"adapter {path} was trained on base model {trained_on}, but this one is {model.base_fingerprint}; "
+                          "its concept may not come through")
     return model.to(device)
+
+
+def _adapter_base_fingerprint(path):
+    """The base model an adapter was trained on, if its catversion.safetensors metadata records it."""
+    from safetensors import safe_open
+
+    if os.path.isdir(path):
+        path = os.path.join(path, OUR_WEIGHTS)
+    if not (path.endswith(".safetensors") and os.path.isfile(path)):
+        return None
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("base_fingerprint") or None
 
 
 def _device_and_dtype(model):
@@ -262,7 +278,8 @@ def generate(model, prompts, outdir="outputs/txt2img-samples", ddim_steps=50, pl
     """Sample every prompt and write `<outdir>/<name>/<name>_<seed>.png` and `<outdir>/<name>/grid.png`.
 
     `<name>` is `prompt_to_name(prompt)`; with `n_samples > 1` the k-th image of a batch is `<name>_<seed>_<k>.png`.
-    Iteration i uses seed `seed + i`; the grid has one row per iteration, `n_samples` images per row.
+    Iteration i uses seed `seed + i`; the grid has one row per iteration, `n_samples` images per row. A prompt given
+    twice is sampled once.
     `uc` defaults to `unconditional_embedding(model, uc_dir)` (only needed when `scale != 1`).
     Returns `{prompt: {"folder": ..., "images": [paths], "grid": path}}`.
     """

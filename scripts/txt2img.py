@@ -12,11 +12,11 @@ and values act on every prompt, and turn "a teddybear" into "this teddybear". Im
 logits), as if the concept token were present s times. 0 is the base model bit for bit, 1 the adapter as trained;
 values in between weaken it, above 1 exaggerate it.
 
-Several --embedding_path values stack concepts: every concept's keys/values are concatenated in the same layers at
-once, so each adds its own residual to the attention output. That works for concepts of DIFFERENT base class words
-(`teddybear` and `colorful_teapot` in one prompt), though they still share the attention budget of those layers, so
-each may come out somewhat weaker (raise its --strength). Two concepts of the SAME class word compete: both act on
-the same word, and the result is a blend of the two, not two distinct objects.
+Several --embedding_path values stack concepts: the keys/values of all of them are concatenated in the same layers,
+inside one softmax, so each adds its own residual to the attention output (a little diluted by the others). That
+works for concepts of DIFFERENT base class words (`teddybear` and `colorful_teapot` in one prompt); if one comes out
+weak, raise its --strength (one value per adapter). Two concepts of the SAME class word compete: both steer the same
+word, and the result is a blend of the two, not two distinct objects.
 
 The unconditional embedding (empty prompt, encoded without adapters) is computed once per base model and cached in
 --uc_dir under the checkpoint's fingerprint, as the reference ships models/uc.pt.
@@ -37,8 +37,12 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag, and the module docstring as written (it has a command and paragraphs)."""
+
+
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="teddybear on the beach", help="the prompt to render")
     src.add_argument("--from-file", dest="from_file", default=None,
@@ -65,7 +69,7 @@ def get_parser():
                    help="concept strength: one value for all adapters or one per adapter; 0 = base model, 1 = as trained")
     p.add_argument("--uc_dir", default="models/uc",
                    help="cache folder for the unconditional embedding, one file per base model; '' disables the cache")
-    p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
+    p.add_argument("--device", default=default_device(), help="torch device: cuda if available, else cpu")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -101,13 +105,13 @@ def run(opt):
 
     # Everything that can be checked cheaply is checked before the model costs time to load and before any file is written.
     prompts = read_prompts(opt)
-    device = check_device(opt.device or default_device())
+    device = check_device(opt.device)
     ckpt_path = None if opt.ckpt_path.lower() == RANDOM_WEIGHTS else opt.ckpt_path
     if not os.path.isfile(opt.config):
         raise ValueError(f"config not found: {opt.config}; pass --config configs/stable-diffusion/v1-inference.yaml")
     config = OmegaConf.load(opt.config)
     sampling.check_sampling_args(opt.H, opt.W, opt.scale, opt.n_samples, opt.n_iter, opt.ddim_steps, opt.ddim_eta,
-                                 opt.plms, opt.seed, config.model.params.get("timesteps", 1000))
+                                 opt.plms, opt.seed, OmegaConf.select(config, "model.params.timesteps", default=1000))
     sampling.check_output_dir(opt.outdir)
     sampling.prompt_names(prompts)
     if ckpt_path is None:

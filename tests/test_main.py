@@ -93,3 +93,61 @@ def test_unknown_override_key_is_refused(tiny_ckpt, example_data, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err == ("error: unknown config key 'lightning.trainer.max_step' in override 'lightning.trainer.max_step=3'; "
                    "did you mean lightning.trainer.max_steps?")
+
+
+def test_nan_loss_stops_with_the_last_good_adapter(tiny_ckpt, example_data, tmp_path, capsys):
+    import pytorch_lightning as pl
+
+    seen = {}
+
+    class Poison(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            params = pl_module.trainable_parameters()
+            if trainer.global_step == 2:
+                seen["good"] = [p.detach().clone() for p in params]
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    params[0].fill_(float("nan"))
+
+    opt, unknown = main.get_parser().parse_known_args(_train_args(tiny_ckpt, example_data, tmp_path, 6, 100))
+    with pytest.raises(main.TrainingStopped) as e:
+        main.run(opt, unknown, extra_callbacks=[Poison()])
+    assert e.value.code == 3
+    assert str(e.value).startswith("training stopped: the loss is nan at step 3; the last good adapter is in ")
+    folder = str(e.value).split("the last good adapter is in ")[1].split(";")[0]
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    enc = FrozenCLIPEmbedder(**OmegaConf.to_container(OmegaConf.load(TINY_FINETUNE).model.params.cond_stage_config.params))
+    enc.adapter_load(folder)
+    assert torch.equal(enc.adapter_parameters()[0], seen["good"][0])
+
+
+def test_sigint_saves_and_resume_finishes(tiny_ckpt, example_data, tmp_path):
+    """A real run in a subprocess gets SIGINT mid-way, saves a resumable checkpoint and its adapter and exits 130;
+    `--resume` then reaches the planned step count."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    planned = 60
+    args = _train_args(tiny_ckpt, example_data, tmp_path, planned, 2)
+    proc = subprocess.Popen([sys.executable, "main.py", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not glob.glob(str(tmp_path / "*" / "checkpoints" / "adapter_gs-3")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    logdir = glob.glob(str(tmp_path / "*"))[0]
+    assert f"continue with: python main.py --resume {logdir}" in err and "Traceback" not in err
+    step = torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=False)["global_step"]
+    assert 4 <= step < planned
+    assert not glob.glob(os.path.join(logdir, "checkpoints", "*.tmp"))
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    enc = FrozenCLIPEmbedder(**OmegaConf.to_container(OmegaConf.load(TINY_FINETUNE).model.params.cond_stage_config.params))
+    enc.adapter_load(os.path.join(logdir, "checkpoints", "adapter"))
+    main.run(*main.get_parser().parse_known_args(["-t", "--resume", logdir]))
+    assert torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=False)["global_step"] == planned
+    enc.adapter_load(os.path.join(logdir, "checkpoints", "adapter"))

@@ -54,24 +54,6 @@ def only_image(results):
     return pixels(path)
 
 
-# --- file naming ---------------------------------------------------------------------------------------------------
-def test_prompt_names_are_safe_and_distinct():
-    from ldm.sampling import prompt_names, prompt_to_name
-
-    assert prompt_to_name("teddybear on the beach") == "teddybear-on-the-beach"  # the reference's replace(" ", "-")
-    assert prompt_to_name('a/b\\c:d*e?f"g<h>i|j\tk') == "abcdefghij-k"
-    assert prompt_to_name("../../etc/passwd") == "etcpasswd"
-    assert prompt_to_name("") == prompt_to_name("   ") == "empty-prompt"
-    assert prompt_to_name("???").startswith("prompt-")
-    long_a, long_b = "a photo of " * 30 + "one", "a photo of " * 30 + "two"
-    name_a, name_b = prompt_to_name(long_a), prompt_to_name(long_b)
-    assert name_a != name_b and len(name_a.encode()) <= 100 and name_a.startswith("a-photo-of-")
-    cut = prompt_to_name("ünïcödé " * 40)
-    assert len(cut.encode()) <= 100 and cut.encode().decode("utf-8") == cut
-    with pytest.raises(ValueError, match="both map to the folder name 'ab'"):
-        prompt_names(["a/b", "ab"])
-
-
 # --- seeds, files, grid, determinism -------------------------------------------------------------------------------
 def test_same_seed_gives_identical_files_and_iterations_use_seed_plus_i(tiny_ckpt, tmp_path):
     first = run(tiny_ckpt, tmp_path / "a", "--prompt", PROMPT, "--seed", "7", "--n_iter", "2")
@@ -157,23 +139,6 @@ def test_uc_cache_is_keyed_by_fingerprint_adapter_free_and_reused(adapter_model,
     save_file({"uc": with_adapter.contiguous()}, str(cache))
     planted = only_image(run(tiny_ckpt, tmp_path / "out", "--prompt", PROMPT, "--embedding_path", adapter_a))
     assert not np.array_equal(planted, first)
-
-
-def test_corrupt_or_misshapen_cache_is_recomputed(tiny_model, tiny_ckpt, tmp_path):
-    from ldm.sampling import unconditional_embedding
-
-    path = tmp_path / f"{fingerprint(tiny_ckpt)}.safetensors"
-    fresh = unconditional_embedding(tiny_model, str(tmp_path))
-    assert torch.equal(load_file(path)["uc"], fresh)
-    for bad in (b"not a safetensors file", None):
-        if bad is None:
-            save_file({"uc": torch.zeros(1, 5, 64)}, str(path))
-        else:
-            path.write_bytes(bad)
-        with pytest.warns(UserWarning, match="recomputing"):
-            again = unconditional_embedding(tiny_model, str(tmp_path))
-        assert torch.equal(again, fresh) and torch.equal(load_file(path)["uc"], fresh)
-    assert sorted(os.listdir(tmp_path)) == [path.name]  # no temporary files left behind
 
 
 # --- sampler, batches, prompt files, long prompts ------------------------------------------------------------------
@@ -305,9 +270,11 @@ def test_run_sh_with_sd_weights_but_no_adapters_says_how_to_train_them(tiny_ckpt
 def test_sd_v1_5_shaped_random_model_smoke_512(tmp_path):
     """2 DDIM steps at 512x512, guidance 10, on an SD-v1.5-shaped model with random weights (`--ckpt_path none`), CPU.
 
-    Measured on the 2-core development machine (while other test suites were running on it): peak RSS 6.3 GB
-    (4.3 GB of float32 weights: 1.07 G parameters), about 95 s of CPU time, 50-155 s of wall time depending on the
-    load (building 7 s, 2 UNet steps at batch 2 about 25 s each, VAE decoding about 16-30 s).
+    Measured on the 2-core development machine, while other test suites shared it (load average 3-10): peak RSS
+    6.3 GB (4.3 GB are the float32 weights, 1.07 G parameters; the VAE decode at 512x512 adds about 0.7 GB), CPU time
+    about 100 s (user + system) in every run, wall time 83-230 s depending on that load (model built in 7 s, then per
+    UNet step at batch 2 about 25 s of the 2 cores, VAE decode about 16 s). On an idle 2-core machine that CPU time
+    means roughly 50-60 s of wall time (estimate, not measured).
     """
     code = ("import resource, runpy, sys; sys.argv = ['txt2img.py'] + sys.argv[1:]; "
             "runpy.run_path('scripts/txt2img.py', run_name='__main__'); "
@@ -319,8 +286,8 @@ def test_sd_v1_5_shaped_random_model_smoke_512(tmp_path):
     wall = time.time() - start
     assert proc.returncode == 0, proc.stderr[-2000:]
     folder = tmp_path / "teddybear-on-the-beach"
-    assert pixels(folder / "teddybear-on-the-beach_42.png").shape == (512, 512, 3)
-    assert pixels(folder / "grid.png").shape == (516, 516, 3)
+    image = pixels(folder / "teddybear-on-the-beach_42.png")
+    assert image.shape == (512, 512, 3) and np.array_equal(pixels(folder / "grid.png"), image)  # a 1-image grid is the image
     peak_gb = int(proc.stdout.split("MAXRSS_KB")[1].split()[0]) / 1e6
     assert peak_gb < 8.0, f"peak RSS {peak_gb:.1f} GB"  # measured 6.3 GB: weights + one VAE decode at 512x512
     assert wall < 600, f"{wall:.0f} s"

@@ -101,7 +101,11 @@ class PersonalizedBase(Dataset):
         return (np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
 
     def __getitem__(self, i):
+        flip = random.random() < self.flip_p
         return {
-            "image": self.prepare(i, random.random() < self.flip_p),
+            "image": self.prepare(i, flip),
             "caption": random.choice(self.captions),
+            # Which picture this is: a trainer may cache its VAE latents per (index, flip) (LatentDiffusion's fast path).
+            "index": i % self.num_images,
+            "flip": flip,
         }

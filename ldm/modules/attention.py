@@ -11,6 +11,11 @@ from ldm.modules.diffusionmodules.util import checkpoint, zero_module
 class CrossAttention(nn.Module):
     """Multi-head attention from `query_dim` tokens to `context_dim` tokens (to themselves when context is None)."""
 
+    # A callable `probs_hook(module, probs)` set on an instance (by `ldm.analysis.attention_maps`) to record its
+    # attention: the probabilities are then computed explicitly, softmax(QK^T / sqrt(d)), shape (b, heads, queries,
+    # keys), handed to the hook and used for the output. None (the default) keeps the fused SDPA kernel.
+    probs_hook = None
+
     def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0.0):
         super().__init__()
         inner_dim = heads * dim_head
@@ -27,7 +32,12 @@ class CrossAttention(nn.Module):
         # (b, n, heads * d) -> (b, heads, n, d); SDPA's default scale 1/sqrt(d) is the reference's.
         q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.probs_hook is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            probs = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).float().softmax(dim=-1)
+            self.probs_hook(self, probs)
+            out = probs.to(v.dtype) @ v
         return self.to_out(out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3]))
 
 

@@ -11,8 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.attention import BasicTransformerBlock
+from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.modules.diffusionmodules.util import make_beta_schedule
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
+
+# The training fast path (`model.params.fast` in the finetune configs, where each option is documented).
+# "auto" means: on for a CUDA device, off elsewhere (it pays off on GPUs only).
+FAST_DEFAULTS = {
+    "cache_latents": True,  # VAE posterior once per (image, flip); still sampled every step: no numeric change
+    "cache_text": True,  # frozen text layers below the first adapter once per caption: no numeric change
+    "precision": "fp32",  # "fp32" | "bf16" | "auto" (bf16 on CUDA): autocast of the UNet, changes the numbers
+    "gradient_checkpointing": "auto",  # true | false | "auto": recompute UNet activations in backward (memory for time)
+    "channels_last": "auto",  # true | false | "auto": NHWC UNet convolutions
+    "compile": False,  # torch.compile the UNet: minutes of compilation, then faster steps
+}
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 class DiffusionWrapper(nn.Module):
@@ -50,6 +65,7 @@ class LatentDiffusion(pl.LightningModule):
         conditioning_key="crossattn",
         parameterization="eps",
         personalization_config=None,
+        fast=None,
         **ignored,  # reference keys without meaning here (monitor, use_ema, log_every_t, ...)
     ):
         super().__init__()
@@ -73,6 +89,10 @@ class LatentDiffusion(pl.LightningModule):
         self.learning_rate = 1e-4
         self.base_fingerprint = None
         self.strict_loading = False  # resumable checkpoints carry only the trainable tensors
+        self.fast = self.check_fast_options(fast)
+        self._latent_cache = {}  # (image index, flip) -> VAE moments (1, 2c, h, w)
+        self._text_cache = {}  # (caption, first adapted layer) -> hidden states entering that layer (77, width)
+        self._compiled_unet = None
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -101,15 +121,63 @@ class LatentDiffusion(pl.LightningModule):
         return self.first_stage_model.decode(z / self.scale_factor)
 
     def apply_model(self, x_noisy, t, cond):
-        return self.model(x_noisy, t, c_crossattn=cond)
+        if self._fast_on("channels_last"):
+            x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)
+        model = self._compiled_unet if self.fast["compile"] and self._compiled_unet is not None else self.model
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._precision() == "bf16"):
+            return model(x_noisy, t, c_crossattn=cond)  # the UNet answers in x_noisy's dtype (fp32)
 
     # --- training ------------------------------------------------------------------------------------
     def get_input(self, batch):
-        """Images (b, h, w, c) in [-1, 1] as the reference datasets yield them, and their captions."""
-        x = batch[self.first_stage_key]
-        x = x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
-        z = self.get_first_stage_encoding(self.encode_first_stage(x))
+        """Latents sampled from the VAE posterior of the batch's images, and its captions.
+
+        Images are (b, h, w, c) in [-1, 1] as the reference datasets yield them. With `fast.cache_latents` and a batch
+        that names its pictures (`index`, `flip`, as PersonalizedBase yields them), each picture's posterior is computed
+        once; the sample from it is drawn anew every step, as the reference does, so the numbers do not change."""
+        z = self.get_first_stage_encoding(self._posterior(batch))
         return z, list(batch[self.cond_stage_key])
+
+    def _posterior(self, batch):
+        keys = self._latent_keys(batch)
+        if keys is None:
+            return self.encode_first_stage(self._images(batch))
+        missing = [i for i, key in enumerate(keys) if key not in self._latent_cache]
+        if missing:
+            moments = self.encode_first_stage(self._images(batch)[missing]).parameters
+            for row, i in enumerate(missing):
+                self._latent_cache[keys[i]] = moments[row:row + 1]
+        return DiagonalGaussianDistribution(torch.cat([self._latent_cache[key] for key in keys]))
+
+    def _images(self, batch):
+        x = batch[self.first_stage_key]
+        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+    def _latent_keys(self, batch):
+        if not self.fast["cache_latents"] or "index" not in batch or "flip" not in batch:
+            return None
+        return list(zip(_as_list(batch["index"]), (bool(f) for f in _as_list(batch["flip"]))))
+
+    def get_training_conditioning(self, captions):
+        """`get_learned_conditioning(captions)` for a training step, through the text cache with `fast.cache_text`.
+
+        The frozen layers below the first adapted one see no trainable number, so their output for a caption is
+        computed once; each step runs only the adapted layers and the final layer norm. Not with a Textual Inversion
+        embedding manager: its trainable word embeddings enter at the bottom."""
+        enc = self.cond_stage_model
+        if not self.fast["cache_text"] or self.embedding_manager is not None or not hasattr(enc, "encode_from_hidden"):
+            return self.get_learned_conditioning(captions)
+        start = enc.first_adapted_layer
+        missing = sorted({c for c in captions if (c, start) not in self._text_cache})
+        if missing:
+            for caption, hidden in zip(missing, enc.frozen_hidden_states(enc.tokenize(missing), start)):
+                self._text_cache[(caption, start)] = hidden
+        hidden = torch.stack([self._text_cache[(c, start)] for c in captions])
+        return enc.encode_from_hidden(hidden, start)
+
+    def clear_fast_caches(self):
+        """Forget cached latents and text states (they are stale once the frozen weights or the data change)."""
+        self._latent_cache.clear()
+        self._text_cache.clear()
 
     def p_losses(self, z, cond, t, noise=None):
         """Plain MSE between the true and the predicted noise, mean over all elements (`loss_simple`)."""
@@ -118,9 +186,70 @@ class LatentDiffusion(pl.LightningModule):
         return F.mse_loss(eps.float(), noise.float())
 
     def shared_step(self, batch):
+        # Random numbers in the reference's order: posterior sample, timesteps, noise.
         z, captions = self.get_input(batch)
         t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=self.device)
-        return self.p_losses(z, self.get_learned_conditioning(captions), t)
+        return self.p_losses(z, self.get_training_conditioning(captions), t)
+
+    # --- fast-path switches --------------------------------------------------------------------------
+    @staticmethod
+    def check_fast_options(fast):
+        options = {**FAST_DEFAULTS, **dict(fast or {})}
+        unknown = sorted(set(options) - set(FAST_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown fast option(s) {unknown}; known: {list(FAST_DEFAULTS)}")
+        if options["precision"] not in PRECISIONS:
+            raise ValueError(f"fast.precision {options['precision']!r} is not one of {list(PRECISIONS)}; for fp16 "
+                             "keep fp32 here and set lightning.trainer.precision: 16-mixed (its GradScaler is needed)")
+        for name in ("gradient_checkpointing", "channels_last"):
+            if options[name] not in (True, False, "auto"):
+                raise ValueError(f"fast.{name} must be true, false or auto, got {options[name]!r}")
+        for name in ("cache_latents", "cache_text", "compile"):
+            if not isinstance(options[name], bool):
+                raise ValueError(f"fast.{name} must be true or false, got {options[name]!r}")
+        return options
+
+    def _fast_on(self, name):
+        value = self.fast[name]
+        return self.device.type == "cuda" if value == "auto" else value
+
+    def _precision(self):
+        if self.fast["precision"] != "auto":
+            return self.fast["precision"]
+        return "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+    def prepare_fast_path(self):
+        """Apply the module-level options for the current device: checkpointing, memory format, compilation.
+
+        Lightning calls it when fitting starts; call it yourself after `.to(device)` when driving the model by hand."""
+        checkpointing = self._fast_on("gradient_checkpointing")
+        for module in self.model.modules():
+            if isinstance(module, ResBlock):
+                module.use_checkpoint = checkpointing
+            elif isinstance(module, BasicTransformerBlock):
+                module.checkpoint = checkpointing
+        fmt = torch.channels_last if self._fast_on("channels_last") else torch.contiguous_format
+        self.model.to(memory_format=fmt)
+        if self.fast["compile"] and self._compiled_unet is None:
+            # Kept outside the module tree, so state-dict keys stay free of torch.compile's `_orig_mod.`.
+            object.__setattr__(self, "_compiled_unet", torch.compile(self.model))
+        return self
+
+    def on_fit_start(self):
+        self.clear_fast_caches()
+        self.prepare_fast_path()
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        # Cache keys as Python values before Lightning moves the batch: reading them back from a GPU would wait for
+        # the device on every step.
+        if isinstance(batch, dict):
+            for key in ("index", "flip"):
+                if isinstance(batch.get(key), torch.Tensor):
+                    batch[key] = batch[key].tolist()
+        return batch
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        optimizer.zero_grad(set_to_none=True)  # no memset of gradient buffers: the next backward writes them anew
 
     def training_step(self, batch, batch_idx):
         loss = self.shared_step(batch)
@@ -181,3 +310,7 @@ class LatentDiffusion(pl.LightningModule):
     @contextmanager
     def ema_scope(self, context=None):  # the reference's samplers enter it; no EMA here
         yield
+
+
+def _as_list(values):
+    return values.tolist() if isinstance(values, torch.Tensor) else list(values)

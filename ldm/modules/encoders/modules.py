@@ -129,12 +129,48 @@ class FrozenCLIPEmbedder(nn.Module):
     def encode(self, text):
         return self(text)
 
+    # --- the same conditioning in two parts (training fast path) ---------------------------------------
+    # Layers below the first one that carries extra K/V are plain frozen CLIP, so for a given caption their output
+    # never changes: a trainer computes it once (`frozen_hidden_states`) and runs only the rest each step
+    # (`encode_from_hidden`). Together they compute exactly what `encode_tokens` computes.
+    @property
+    def first_adapted_layer(self):
+        """Index of the lowest layer with active extra K/V; `num_layers` when no adapter is active."""
+        layers = [layer for adapter in self._active_adapters() for layer in adapter.layers]
+        return min(layers, default=self.num_layers)
+
+    @torch.no_grad()
+    def frozen_hidden_states(self, tokens, upto):
+        """Hidden states entering layer `upto` (b, max_length, width): token embeddings and layers 0..upto-1.
+
+        Refuses a cut above the first adapted layer: those layers' output depends on the adapters' numbers."""
+        if not 0 <= upto <= self.first_adapted_layer:
+            raise ValueError(f"cannot cache text layers below {upto}: layer {self.first_adapted_layer} carries an adapter; "
+                             "pass upto <= first_adapted_layer")
+        tokens = tokens.to(self.transformer.device)
+        hidden = self.transformer.embeddings(input_ids=tokens)
+        for layer in self.transformer.encoder.layers[:upto]:
+            hidden = layer(hidden, None, is_causal=True)
+        return hidden
+
+    def encode_from_hidden(self, hidden, start):
+        """Layers `start`.. (with the active adapters) and the final layer norm, from `frozen_hidden_states(tokens, start)`."""
+        extra = self._extra_kv(hidden.shape[0])
+        kwargs = {"catversion_kv": extra} if extra else {}
+        for layer in self.transformer.encoder.layers[start:]:
+            # CLIPTextModel.forward hands its layers no mask and is_causal=True (see concat_kv); so do we.
+            hidden = layer(hidden, None, is_causal=True, **kwargs)
+        return self.transformer.final_layer_norm(hidden)
+
+    def _active_adapters(self):
+        if not self._adapters_enabled:
+            return []
+        return [a for a in self._adapters if a.strength != 0]  # s = 0 is the base model, bit for bit
+
     def _extra_kv(self, batch):
         """{attention module: [(extra_k, extra_v, logit offset), ...]} over the active adapters."""
         extra = {}
-        for adapter in self._adapters if self._adapters_enabled else ():
-            if adapter.strength == 0:  # s = 0 is the base model, bit for bit
-                continue
+        for adapter in self._active_adapters():
             for layer in adapter.layers:
                 attn = self.transformer.encoder.layers[layer].self_attn
                 extra.setdefault(attn, []).append((*adapter.kv(layer, batch), adapter.logit_offset))

@@ -1,0 +1,1 @@
+"""Analysis tools: cross-attention maps of the UNet and the automatic concept masks made from them."""

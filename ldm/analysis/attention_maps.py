@@ -1,0 +1,137 @@
+"""Which pixels each prompt token steers: the UNet's cross-attention maps, as in the reference's prompt-to-prompt notebook.
+
+While a `CrossAttentionRecorder` is active, the cross-attention layers (`attn2` of every transformer block) of the
+chosen resolution compute their attention probabilities explicitly, softmax(QK^T / sqrt(d)) of shape
+(batch, heads, pixels, 77), and hand them to the recorder (see `CrossAttention.probs_hook`). Only the conditional
+half of a classifier-free-guidance batch is kept (LDM puts it second). The recorder sums the head-averaged
+probabilities over every recorded call, i.e. over the layers of that resolution and over the sampling steps, so
+`mean()` is the average over heads, layers and steps: per pixel, a distribution over the 77 token positions.
+
+Resolution: `downsample` is the UNet level as a factor of the latent side. The default 4 gives the 16x16 layers
+of SD at 512 px (latent 64x64), the resolution prompt-to-prompt averages; for the tiny model at 64 px (latent 8x8)
+it gives 2x2 maps. SD v1 has cross-attention at factors 1, 2, 4 (5 layers each at 2 and 4, encoder and decoder)
+and 8 (the middle block).
+
+Automatic mask (`concept_mask`): the map of a word (the mean over its token positions), upsampled bilinearly to the
+image, min-max normalised to [0, 1] and thresholded (value >= threshold is concept). A constant map carries no
+location, and gives an all-ones mask.
+"""
+import torch
+import torch.nn.functional as F
+
+from ldm.modules.attention import BasicTransformerBlock
+
+
+class CrossAttentionRecorder:
+    """`with CrossAttentionRecorder(unet, pixels, batch) as rec:` sample; then `rec.mean()` -> (batch, pixels, 77).
+
+    `pixels`: the number of query positions (h * w) of the layers to record; `batch`: how many images are sampled
+    (the last `batch` rows of each attention call are theirs). `keep_raw=True` also keeps every recorded call's
+    probabilities, before any averaging, as `(layer name, tensor (batch, heads, pixels, 77))` in `raw`.
+    """
+
+    def __init__(self, unet, pixels, batch=1, keep_raw=False):
+        self.layers = {block.attn2: name + ".attn2" for name, block in unet.named_modules()
+                       if isinstance(block, BasicTransformerBlock)}
+        if not self.layers:
+            raise ValueError("no cross-attention layers found; pass the UNet (model.model.diffusion_model)")
+        self.pixels, self.batch, self.keep_raw = int(pixels), int(batch), keep_raw
+        self.total, self.calls, self.raw, self.seen = None, 0, [], set()
+
+    def __enter__(self):
+        for module in self.layers:
+            module.probs_hook = self._record
+        return self
+
+    def __exit__(self, *exc):
+        for module in self.layers:
+            del module.probs_hook  # back to the class default None: the fused SDPA path
+        return False
+
+    def _record(self, module, probs):
+        self.seen.add(probs.shape[-2])
+        if probs.shape[-2] != self.pixels:
+            return
+        probs = probs[-self.batch:].detach().float()
+        if self.keep_raw:
+            self.raw.append((self.layers[module], probs.cpu()))
+        heads_mean = probs.mean(dim=1)
+        self.total = heads_mean if self.total is None else self.total + heads_mean
+        self.calls += 1
+
+    def mean(self):
+        """Average over heads, layers and steps: (batch, pixels, tokens), on the CPU."""
+        if not self.calls:
+            raise ValueError(f"no cross-attention layer with {self.pixels} pixels ran; the layers seen have "
+                             f"{sorted(self.seen, reverse=True)} pixels: pick another --attn_downsample")
+        return (self.total / self.calls).cpu()
+
+
+def attention_grid(latent_h, latent_w, downsample):
+    """(h, w) of the feature map `downsample` times smaller than the latent; a ValueError if it does not divide."""
+    if downsample < 1 or downsample & (downsample - 1):
+        raise ValueError(f"--attn_downsample {downsample} must be a power of two (SD v1 has cross-attention at 1, 2, 4, 8)")
+    if latent_h % downsample or latent_w % downsample:
+        raise ValueError(f"--attn_downsample {downsample} does not divide the latent {latent_h}x{latent_w} "
+                         f"(image / 8); pick a smaller factor or an image side that is a multiple of {8 * downsample}")
+    return latent_h // downsample, latent_w // downsample
+
+
+def prompt_positions(embedder, prompt, embedding_manager=None):
+    """[(position, token id, text)] from BOS to the first EOS of `prompt`, as the text encoder sees its positions.
+
+    With a Textual Inversion `embedding_manager`, a placeholder of n vectors fills n positions (see its `expand_ids`).
+    """
+    ids = embedder.tokenize([prompt])
+    if embedding_manager is not None:
+        ids = embedding_manager.expand_ids(ids)
+    ids = ids[0].tolist()
+    eos = embedder.tokenizer.eos_token_id
+    end = ids.index(eos) if eos in ids else len(ids) - 1
+    return [(i, t, embedder.tokenizer.decode([t]).strip()) for i, t in enumerate(ids[: end + 1])]
+
+
+def word_positions(embedder, positions, word):
+    """Positions of every occurrence of `word`'s token sequence among `positions` (from `prompt_positions`)."""
+    word_ids = embedder.tokenizer(word, add_special_tokens=False).input_ids
+    ids = [t for _, t, _ in positions]
+    found = [p for i in range(len(ids) - len(word_ids) + 1) if ids[i:i + len(word_ids)] == word_ids
+             for p in range(i, i + len(word_ids))]
+    if not word_ids or not found:
+        shown = " ".join(text for _, _, text in positions[1:-1])
+        raise ValueError(f"--mask_token {word!r} is not in the prompt (its tokens: {shown}); pass a word of the prompt, "
+                         "usually the concept's class word")
+    return sorted(set(found))
+
+
+def token_maps(mean_probs, h, w):
+    """(batch, h*w, tokens) -> (batch, tokens, h, w)."""
+    b, pixels, tokens = mean_probs.shape
+    if pixels != h * w:
+        raise ValueError(f"maps of {pixels} pixels do not fit a {h}x{w} grid")
+    return mean_probs.transpose(1, 2).reshape(b, tokens, h, w)
+
+
+def upsample_normalised(maps, size):
+    """Maps (..., h, w) -> bilinear to `size` (H, W), then each min-max normalised to [0, 1] (constant -> ones)."""
+    lead = maps.shape[:-2]
+    up = F.interpolate(maps.reshape(-1, 1, *maps.shape[-2:]).float(), size=size, mode="bilinear", align_corners=False)
+    lo = up.amin(dim=(-2, -1), keepdim=True)
+    span = up.amax(dim=(-2, -1), keepdim=True) - lo
+    out = torch.where(span > 0, (up - lo) / span.clamp_min(torch.finfo(up.dtype).tiny), torch.ones_like(up))
+    return out.reshape(*lead, *size)
+
+
+def concept_mask(maps, positions, size, threshold=0.5):
+    """Boolean (H, W) mask from one image's maps (tokens, h, w): mean over `positions`, normalised, >= threshold."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"--mask_threshold {threshold} must lie strictly between 0 and 1 (0.5 is a usual choice)")
+    return upsample_normalised(maps[positions].mean(dim=0), size) >= threshold
+
+
+def heat_overlay(image, heat, alpha=0.5):
+    """uint8 (H, W, 3) image blended with a normalised heat map (H, W) in matplotlib's 'jet' colours."""
+    from matplotlib import colormaps
+
+    colours = torch.from_numpy(colormaps["jet"](heat.numpy())[..., :3]).float() * 255.0
+    return ((1 - alpha) * image.float() + alpha * colours).round().clamp(0, 255).to(torch.uint8)

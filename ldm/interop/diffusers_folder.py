@@ -1,0 +1,233 @@
+"""Stable Diffusion v1 diffusers folders (`unet/`, `vae/`, `text_encoder/`) read as our CompVis state dict.
+
+The key mapping is our own: the inverse of diffusers' LDM converters (`convert_ldm_unet_checkpoint`,
+`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`), so diffusers is not needed at run time. The result
+has the SD `.ckpt` spelling (`model.diffusion_model.*`, `first_stage_model.*`,
+`cond_stage_model.transformer.text_model.*`), so `ldm.checkpoint` checks and loads it like any other checkpoint:
+a diffusers key we cannot place keeps its name under `<component>/` and is reported as unexpected, a tensor the
+folder lacks as missing, a wrong size as a shape mismatch.
+
+Accepted inside each component folder, in this order of preference: `diffusion_pytorch_model[.<variant>]`,
+`model[.<variant>]` or `pytorch_model[.<variant>]`, as `.safetensors` or `.bin`, single or sharded (with the
+`.index[.<variant>].json` that diffusers and transformers write). fp16/bf16 weights are converted to fp32.
+A variant is chosen with `folder:variant` (e.g. `models/sd-v1-5:fp16`); without one the plain files are used, or
+the only variant present.
+"""
+import json
+import os
+import re
+
+from ldm.checkpoint import TEXT_4X_PREFIX, CheckpointError, fingerprint, read_state_dict
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+COMPONENTS = ("unet", "vae", "text_encoder")
+_BASE_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
+_EXTENSIONS = ("safetensors", "bin")
+_VARIANT_FILE = re.compile(
+    r"(?:diffusion_pytorch_model|model|pytorch_model)(?:\.(\w+)\.(?:safetensors|bin)|\.(?:safetensors|bin)\.index\.(\w+)\.json)"
+)
+_LAYOUT_HINT = "a diffusers SD v1 folder holds unet/, vae/ and text_encoder/, each with diffusion_pytorch_model.safetensors (or .bin, model.safetensors, pytorch_model.bin)"
+
+
+def parse_folder_path(path):
+    """`(folder, variant)` if `path` names a folder (`dir`, or `dir:variant` such as `sd-v1-5:fp16`), else None."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path, None
+    head, sep, tail = path.rpartition(":")
+    if sep and re.fullmatch(r"\w+", tail) and os.path.isdir(head):
+        return head, tail
+    return None
+
+
+def weight_files(path):
+    """{component: [files]} that `read_diffusers_folder(path)` reads."""
+    parsed = parse_folder_path(path)
+    if parsed is None:
+        raise CheckpointError(f"diffusers folder not found: {path}; pass a folder with unet/, vae/ and text_encoder/")
+    folder, variant = parsed
+    if not any(os.path.isdir(os.path.join(folder, c)) for c in COMPONENTS):
+        raise CheckpointError(f"{folder} is a folder but not a diffusers model: no unet/, vae/ or text_encoder/ inside; "
+                              "pass an SD v1.x .ckpt/.safetensors file or a diffusers folder")
+    return {c: _component_files(folder, c, variant) for c in COMPONENTS}
+
+
+def read_diffusers_folder(path):
+    """The whole model as one fp32 state dict with SD checkpoint keys (see the module docstring)."""
+    files = weight_files(path)
+    state = {}
+    for component, to_ldm in (("unet", unet_to_ldm), ("vae", vae_to_ldm), ("text_encoder", text_to_ldm)):
+        tensors = {}
+        for f in files[component]:
+            tensors.update(read_state_dict(f))
+        state.update(to_ldm({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}))
+    return state
+
+
+def folder_fingerprint(path):
+    """One identity for the weights of a folder (and variant): the fingerprints of its files, combined."""
+    import hashlib
+
+    files = [f for fs in weight_files(path).values() for f in fs]
+    return hashlib.sha256(" ".join(fingerprint(f) for f in files).encode()).hexdigest()[:16]
+
+
+def _component_files(folder, component, variant):
+    sub = os.path.join(folder, component)
+    if not os.path.isdir(sub):
+        raise CheckpointError(f"diffusers folder {folder} has no {component}/; {_LAYOUT_HINT}")
+    names = set(os.listdir(sub))
+    if variant is None:
+        plain = _find_weights(sub, names, None)
+        if plain:
+            return plain
+        variants = sorted({m[1] or m[2] for n in names if (m := _VARIANT_FILE.fullmatch(n))})
+        if len(variants) > 1:
+            raise CheckpointError(f"{sub} holds only variant weights ({', '.join(variants)}); "
+                                  f"choose one by passing {folder}:{variants[0]}")
+        variant = variants[0] if variants else None
+    found = _find_weights(sub, names, variant)
+    if not found:
+        what = f"no {variant} weights" if variant else "no weights"
+        raise CheckpointError(f"{sub} has {what} (found {', '.join(sorted(names)) or 'nothing'}); {_LAYOUT_HINT}")
+    return found
+
+
+def _find_weights(sub, names, variant):
+    """The files of the first weights found: one file, or the shards an index names."""
+    v = f".{variant}" if variant else ""
+    for base in _BASE_NAMES:
+        for ext in _EXTENSIONS:
+            if f"{base}{v}.{ext}" in names:
+                return [os.path.join(sub, f"{base}{v}.{ext}")]
+            index = f"{base}.{ext}.index{v}.json"
+            if index in names:
+                return _shards(os.path.join(sub, index))
+    return []
+
+
+def _shards(index_path):
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"cannot read shard index {index_path} ({type(e).__name__}); the folder is incomplete, download it again") from None
+    return [os.path.join(os.path.dirname(index_path), s) for s in shards]
+
+
+def _mapped(state, prefix, component, key_fn):
+    """Apply `key_fn`; a key it cannot place is kept as `<component>/<key>` so the loader names it as unexpected."""
+    out = {}
+    for k, v in state.items():
+        new = key_fn(k)
+        out[prefix + new if new else f"{component}/{k}"] = v
+    return out
+
+
+def _levels(state, pattern):
+    """Indices captured by `pattern` over the keys (e.g. the resnets of a level)."""
+    return {int(m[1]) for k in state if (m := re.match(pattern, k))}
+
+
+# --- UNet ------------------------------------------------------------------------------------------------------------
+_UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_UNET_BLOCK = re.compile(
+    r"(?:down_blocks\.(?P<down>\d+)|mid_block|up_blocks\.(?P<up>\d+))\.(?P<kind>resnets|attentions)\.(?P<j>\d+)\.(?P<rest>.+)"
+)
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def unet_to_ldm(state):
+    """diffusers `UNet2DConditionModel` keys -> `model.diffusion_model.*` (our `UNetModel`).
+
+    LDM numbers its blocks flat. `input_blocks.0` is conv_in; then each resolution level has `per_level` blocks
+    (resnet `.0`, attention `.1` on levels with cross-attention) and, except on the last level, one downsampler
+    block (`.0.op`). Going up, each level has `per_level + 1` blocks; the upsampler is the last module of the
+    level's last block: `.1.conv` after a plain resnet, `.2.conv` after resnet and attention. Transformer
+    blocks inside the attentions (`transformer_blocks.0.attn1.to_q`, ...) are spelled alike in both layouts.
+    """
+    per_level = len(_levels(state, r"down_blocks\.0\.resnets\.(\d+)\."))
+    n = per_level + 1
+    up_with_attention = _levels(state, r"up_blocks\.(\d+)\.attentions\.")
+
+    def key_fn(key):
+        module, _, param = key.rpartition(".")
+        if module in _UNET_TOP:
+            return f"{_UNET_TOP[module]}.{param}"
+        if m := _UNET_BLOCK.fullmatch(key):
+            j, attention = int(m["j"]), m["kind"] == "attentions"
+            if m["down"] is not None:
+                block = f"input_blocks.{1 + int(m['down']) * n + j}.{int(attention)}"
+            elif m["up"] is not None:
+                block = f"output_blocks.{int(m['up']) * n + j}.{int(attention)}"
+            else:  # the mid block alternates resnet j (2j) and attention j (2j + 1)
+                block = f"middle_block.{2 * j + int(attention)}"
+            if attention:
+                return f"{block}.{m['rest']}"
+            name, _, param = m["rest"].rpartition(".")
+            return f"{block}.{_UNET_RESNET[name]}.{param}" if name in _UNET_RESNET else None
+        if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", module):
+            return f"input_blocks.{(int(m[1]) + 1) * n}.0.op.{param}"
+        if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", module):
+            level = int(m[1])
+            return f"output_blocks.{level * n + per_level}.{2 if level in up_with_attention else 1}.conv.{param}"
+        return None
+
+    return _mapped(state, UNET_PREFIX, "unet", key_fn)
+
+
+# --- VAE -------------------------------------------------------------------------------------------------------------
+_VAE_RESNET_KEY = re.compile(
+    r"(?P<part>encoder|decoder)\.(?:down_blocks\.(?P<down>\d+)|up_blocks\.(?P<up>\d+)|mid_block)\.resnets\.(?P<j>\d+)\.(?P<name>\w+)"
+)
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+                  # the names of diffusers before 0.15, still in many folders on the hub
+                  "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+
+
+def vae_to_ldm(state):
+    """diffusers `AutoencoderKL` keys -> `first_stage_model.*` (our `AutoencoderKL`).
+
+    The decoder's levels run the other way: diffusers' `up_blocks.0` is the lowest resolution, LDM's `up.0` the
+    highest. The mid-block attention is Linear in diffusers and 1x1 Conv2d in LDM, so its weights become
+    `[out, in, 1, 1]`.
+    """
+    n_up = len(_levels(state, r"decoder\.up_blocks\.(\d+)\."))
+
+    def key_fn(key):
+        module, _, param = key.rpartition(".")
+        if module in ("quant_conv", "post_quant_conv"):
+            return key
+        if m := re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out|conv_norm_out)", module):
+            return f"{m[1]}.{'norm_out' if m[2] == 'conv_norm_out' else m[2]}.{param}"
+        if m := _VAE_RESNET_KEY.fullmatch(module):
+            if m["down"] is not None:
+                block = f"{m['part']}.down.{m['down']}.block.{m['j']}"
+            elif m["up"] is not None:
+                block = f"{m['part']}.up.{n_up - 1 - int(m['up'])}.block.{m['j']}"
+            else:
+                block = f"{m['part']}.mid.block_{int(m['j']) + 1}"
+            return f"{block}.{_VAE_RESNET[m['name']]}.{param}" if m["name"] in _VAE_RESNET else None
+        if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv", module):
+            return f"encoder.down.{m[1]}.downsample.conv.{param}"
+        if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv", module):
+            return f"decoder.up.{n_up - 1 - int(m[1])}.upsample.conv.{param}"
+        if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", module):
+            return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{param}" if m[2] in _VAE_ATTENTION else None
+        return None
+
+    out = _mapped(state, VAE_PREFIX, "vae", key_fn)
+    for k, v in out.items():
+        if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", k) and v.ndim == 2:
+            out[k] = v[:, :, None, None]
+    return out
+
+
+# --- text encoder ----------------------------------------------------------------------------------------------------
+def text_to_ldm(state):
+    """transformers `CLIPTextModel` keys, 4.x (`text_model.embeddings...`) or 5.x (`embeddings...`) -> SD spelling."""
+    return {TEXT_4X_PREFIX + (k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in state.items()}
