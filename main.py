@@ -8,10 +8,13 @@ import argparse
 import datetime
 import difflib
 import glob
+import inspect
 import os
 import sys
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (reference configs name `main.DataModuleFromConfig`)
 from ldm.callbacks import AdapterCheckpoint, ImageLogger, TrainingGuard  # noqa: F401  (and `main.ImageLogger`)
@@ -54,6 +57,84 @@ def get_parser():
     return p
 
 
+def _one_line(err):
+    """The first line of a YAML/OmegaConf error (theirs span several lines with context we do not need)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        return f"{err.problem} at line {err.problem_mark.line + 1}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def read_config_file(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"config file not found: {path}; pass --base configs/stable-diffusion/v1-finetune.yaml "
+                         "(or configs/tiny/v1-finetune.yaml)")
+    try:
+        config = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ValueError(f"cannot parse config {path}: {_one_line(e)}; fix the YAML syntax") from None
+    if not OmegaConf.is_dict(config):
+        raise ValueError(f"config {path} is not a mapping of keys to values; start from configs/stable-diffusion/v1-finetune.yaml")
+    return config
+
+
+def parse_override(item):
+    try:
+        return OmegaConf.from_dotlist([item])
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ValueError(f"cannot parse the value of override {item!r} ({_one_line(e)}); "
+                         "write it as YAML, e.g. key=3, key=[1,2] or key='a:b'") from None
+
+
+def _unknown_key(key, accepted, owner):
+    """The error for a config key that nothing takes, with the closest key that something does take."""
+    parent, _, name = key.rpartition(".")
+    guess = difflib.get_close_matches(name, list(accepted), n=1)
+    hint = f"did you mean {parent}.{guess[0]}?" if guess else "check the config files"
+    return ValueError(f"unknown config key {key!r} ({owner} takes no {name!r}); {hint}")
+
+
+def check_targets(node, where=""):
+    """Every `target:` of the config imports, and its `params:` are arguments it takes.
+
+    Otherwise a typo in a config file surfaces minutes later as a TypeError from deep inside a constructor, or not at
+    all. Classes that swallow unknown keyword arguments (`**ignored`, for the reference's keys) cannot be checked."""
+    from ldm.util import get_obj_from_str
+
+    if OmegaConf.is_list(node):
+        for i, child in enumerate(node):
+            check_targets(child, f"{where}[{i}]")
+        return
+    if not OmegaConf.is_dict(node):
+        return
+    if "target" in node:
+        try:
+            obj = get_obj_from_str(str(node.target))
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ValueError(f"config {where}.target {node.target!r} cannot be imported ({_one_line(e)}); check its spelling") from None
+        params = node.get("params") or {}
+        accepted = inspect.signature(obj).parameters
+        name = getattr(obj, "__name__", str(node.target))
+        if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+            for key in params:
+                if key not in accepted:
+                    raise _unknown_key(f"{where}.params.{key}", accepted, name)
+        for arg, p in accepted.items():
+            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and arg not in params:
+                raise ValueError(f"config key {where}.params.{arg} is missing; {name} needs it")
+    for key, child in node.items():
+        check_targets(child, f"{where}.{key}" if where else str(key))
+
+
+def check_trainer_keys(trainer_config):
+    import pytorch_lightning as pl
+
+    accepted = inspect.signature(pl.Trainer).parameters
+    for key in trainer_config:
+        if key != "gpus" and key not in accepted:  # `gpus` is the reference's Lightning 1.x spelling, dropped in run()
+            raise _unknown_key(f"lightning.trainer.{key}", accepted, "pytorch_lightning.Trainer")
+
+
 def check_overrides(config, dotlist):
     """A typo in `key=value` must not silently add a key that nothing reads."""
     for item in dotlist:
@@ -71,15 +152,25 @@ def check_overrides(config, dotlist):
 
 
 def load_config(opt, unknown):
-    configs = [OmegaConf.load(c) for c in opt.base]
-    config = OmegaConf.merge(*configs)
+    """The merged config files and `key=value` overrides, checked: every key is one that something reads."""
+    config = OmegaConf.merge(*[read_config_file(c) for c in opt.base])
     check_overrides(config, unknown)
-    config = OmegaConf.merge(config, OmegaConf.from_dotlist(unknown))
+    config = OmegaConf.merge(config, *[parse_override(item) for item in unknown])
+    try:
+        OmegaConf.resolve(config)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"config: {_one_line(e)}; check the ${{...}} interpolations") from None
+    check_targets(config)
+    check_trainer_keys(config.get("lightning", {}).get("trainer", {}))
     train = config.data.params.train.params
     if opt.data_root is not None:
         train.data_root = opt.data_root
     if opt.init_word is not None:
-        train.base_class_word = opt.init_word
+        personalization = config.model.params.get("personalization_config")
+        if personalization is not None:  # Textual Inversion: the word only starts the vector; captions keep the placeholder
+            personalization.params.initializer_words = [opt.init_word]
+        else:  # CatVersion: the word is the caption
+            train.base_class_word = opt.init_word
     return config
 
 
@@ -107,6 +198,25 @@ def resolve_resume(opt):
     return opt.resume.rstrip("/"), ckpt
 
 
+def check_resumable(path):
+    """Read the resumable checkpoint ourselves first: Lightning would fail on a bad one with a bare traceback."""
+    import torch
+
+    from ldm.checkpoint import CheckpointError, brief_error, refused_pickle_reason
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if refused_pickle_reason(e):
+            raise CheckpointError(f"cannot resume: {path} holds pickled Python objects beyond tensors, which are refused "
+                                  f"because unpickling them could run code ({refused_pickle_reason(e)}); this program never "
+                                  "writes such files, start the run again without --resume") from None
+        raise CheckpointError(f"cannot resume: {path} is corrupt or truncated ({type(e).__name__}: {brief_error(e)}); pass an "
+                              "earlier checkpoints/*.ckpt of the run to --resume, or start again without it") from None
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise CheckpointError(f"cannot resume: {path} is not a checkpoint of a training run; pass a run folder under logs/")
+
+
 def run(opt, unknown, extra_callbacks=()):
     """Set up (and with -t, train) a run; returns (run folder, model)."""
     import pytorch_lightning as pl
@@ -114,13 +224,16 @@ def run(opt, unknown, extra_callbacks=()):
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    from ldm.checkpoint import load_checkpoint_into
+    from ldm.checkpoint import check_exists, load_checkpoint_into
+    from ldm.sampling import check_output_dir
     from ldm.util import instantiate_from_config
 
+    # Everything cheap is checked first, so that a typo costs seconds, not a model load, and leaves no run folder.
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     ckpt_path = None
     if opt.resume:
         logdir, ckpt_path = resolve_resume(opt)
+        check_resumable(ckpt_path)
         if not opt.base:
             opt.base = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
     else:
@@ -128,10 +241,13 @@ def run(opt, unknown, extra_callbacks=()):
             raise ValueError("no config; pass --base configs/stable-diffusion/v1-finetune.yaml (or configs/tiny/v1-finetune.yaml)")
         data_name = os.path.basename(os.path.normpath(opt.data_root)) if opt.data_root else ""
         logdir = os.path.join(opt.logdir, f"{data_name}{now}_{opt.name}" if opt.name else f"{data_name}{now}")
+    check_output_dir(logdir, flag="-l/--logdir")
     config = load_config(opt, unknown)
     # The run's own inputs travel with its config, so that --resume needs nothing but the run folder.
     run_config = config.pop("run", OmegaConf.create())
     opt.actual_resume = opt.actual_resume or run_config.get("actual_resume")
+    if opt.actual_resume:
+        check_exists(opt.actual_resume)
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_config = lightning_config.get("trainer", OmegaConf.create())
     ckptdir = os.path.join(logdir, "checkpoints")
@@ -160,7 +276,10 @@ def run(opt, unknown, extra_callbacks=()):
         ckptdir, every_n_train_steps=every, base_class_word=config.data.params.train.params.get("base_class_word"))
     guard = TrainingGuard(adapter_checkpoint)
     callbacks = [
-        ModelCheckpoint(dirpath=ckptdir, filename="{epoch:06}-{step:09}", every_n_train_steps=every, save_last=True, save_top_k=-1),
+        # No version counter: AdapterCheckpoint has just written last.ckpt when this one saves it at the end, and a
+        # stray `last-v1.ckpt` beside it would be a second "last" checkpoint.
+        ModelCheckpoint(dirpath=ckptdir, filename="{epoch:06}-{step:09}", every_n_train_steps=every, save_last=True,
+                        save_top_k=-1, enable_version_counter=False),
         adapter_checkpoint,
         guard,
     ]
@@ -181,7 +300,7 @@ def run(opt, unknown, extra_callbacks=()):
     if opt.train:
         restore_signals = guard.install()
         try:
-            trainer.fit(model, data, ckpt_path=ckpt_path)
+            trainer.fit(model, data, ckpt_path=ckpt_path, weights_only=True)
         except FloatingPointError as e:
             raise TrainingStopped(
                 f"training stopped: {e}; the last good adapter is in {os.path.join(ckptdir, 'adapter')}; "

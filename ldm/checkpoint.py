@@ -40,23 +40,22 @@ def read_state_dict(path):
     path = os.fspath(path)
     if parse_folder_path(path):
         return read_diffusers_folder(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}; pass the path of an SD v1.x .ckpt or .safetensors file "
-                              "or of a diffusers folder (unet/, vae/, text_encoder/)")
+    check_exists(path)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
             return load_file(path, device="cpu")
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
+    except Exception as e:  # a pickle carrying code; or a truncated zip, garbage bytes, a bad safetensors header, ...
+        wanted = refused_pickle_reason(e)
+        if wanted:
+            raise CheckpointError(
+                f"{path} holds pickled Python objects beyond tensors, which are refused because unpickling them could "
+                f"run code ({wanted}); convert it to .safetensors with a tool you trust"
+            ) from None
         raise CheckpointError(
-            f"{path} holds pickled Python objects beyond tensors, which are refused because unpickling them could run code "
-            f"({str(e).splitlines()[0][:120]}); convert it to .safetensors with a tool you trust"
-        ) from None
-    except Exception as e:  # truncated zip, garbage bytes, bad safetensors header, ...
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'no detail'}); "
+            f"cannot read checkpoint {path} ({type(e).__name__}: {brief_error(e)}); "
             "the file is corrupt or truncated, download it again"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -64,6 +63,36 @@ def read_state_dict(path):
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors; pass an SD v1.x checkpoint")
     return obj
+
+
+def check_exists(path):
+    """Fail fast, before a model costs time to build, on a checkpoint path that names no file or diffusers folder."""
+    from ldm.interop.diffusers_folder import parse_folder_path
+
+    path = os.fspath(path)
+    if not (os.path.isfile(path) or parse_folder_path(path)):
+        raise CheckpointError(f"checkpoint not found: {path}; pass the path of an SD v1.x .ckpt or .safetensors file "
+                              "or of a diffusers folder (unet/, vae/, text_encoder/)")
+
+
+def refused_pickle_reason(err):
+    """If `err` is `torch.load(weights_only=True)` refusing a pickle that would call code: what it would call; else None.
+
+    torch's message spans a dozen lines with terminal colour codes; the line that matters is
+    `Unsupported global: GLOBAL io.open ...`. Garbage bytes fail differently (`Unsupported operand ...`)."""
+    wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    return f"it would call {wanted.group(1)}" if wanted else None
+
+
+def brief_error(err, limit=120):
+    """The gist of an exception's message on one line, without colour codes (for torch's weights-only refusals, the
+    unpickler's own complaint rather than the preamble about torch versions)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "no detail"
+    return re.split(r"(?<=\.)\s", lines[0])[0][:limit]
 
 
 def keys_from_sd(state_dict):

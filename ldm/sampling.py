@@ -90,16 +90,16 @@ def check_sampling_args(H=512, W=512, scale=10.0, n_samples=1, n_iter=1, ddim_st
         raise ValueError(f"--ddim_steps {ddim_steps}: {e}") from None
 
 
-def check_output_dir(path):
-    """Refuse an output folder that cannot be created or written, before any work is done."""
+def check_output_dir(path, flag="--outdir"):
+    """Refuse an output folder that cannot be created or written, before any work is done; `flag` names the option."""
     path = os.path.abspath(path)
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ValueError(f"cannot write to output folder {path}: {existing} is a file, not a folder; pass another --outdir")
+        raise ValueError(f"cannot write to output folder {path}: {existing} is a file, not a folder; pass another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to output folder {path}: {existing} is not writable; pass another --outdir")
+        raise ValueError(f"cannot write to output folder {path}: {existing} is not writable; pass another {flag}")
 
 
 def check_adapter_path(path):

@@ -238,7 +238,7 @@ def bar_chart(rows, metrics, title):
         axes.bar_label(bars, fmt="%.3f", fontsize=8)
     axes.set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(variants))], variants)
     axes.set_ylabel("cosine similarity")
-    axes.set_title(title)
+    axes.set_title(title, fontsize=9)
     axes.legend(fontsize=8)
     figure.tight_layout()
     buffer = io.BytesIO()

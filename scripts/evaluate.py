@@ -59,18 +59,22 @@ def run(args):
         raise ValueError(f"--out {out} would be overwritten by the CSV/PNG written beside it; name it .json")
     if (args.ref_masks is None) != (args.gen_masks is None):
         raise ValueError("--ref_masks and --gen_masks go together; pass both or neither")
-    # Cheap input checks first, so that a wrong folder is reported before CLIP is built.
+    # Cheap input checks first, so that a wrong folder, an unreadable image or an output path that cannot be
+    # written is reported before CLIP is built (and before anything is written).
+    check_writable(out)
     ref_paths = clip_metrics.list_images(args.ref_dir)
     gen_paths = clip_metrics.list_images(args.gen_dir)
     ref_masks = gen_masks = None
     if args.ref_masks is not None:
         ref_masks = clip_metrics.load_mask_folder(args.ref_masks, list(ref_paths))
         gen_masks = clip_metrics.load_mask_folder(args.gen_masks, list(gen_paths))
+    ref_images = {stem: clip_metrics.load_image(path) for stem, path in ref_paths.items()}
+    gen_images = {stem: clip_metrics.load_image(path) for stem, path in gen_paths.items()}
     clip = clip_metrics.load_clip(args.clip_model, args.clip_weights, args.device, args.quick_gelu)
     result = clip_metrics.compute_metrics(
         clip,
-        {stem: clip_metrics.load_image(path) for stem, path in ref_paths.items()},
-        {stem: clip_metrics.load_image(path) for stem, path in gen_paths.items()},
+        ref_images,
+        gen_images,
         args.prompt,
         ref_masks,
         gen_masks,
@@ -88,6 +92,17 @@ def run(args):
     }
     write_outputs(out, report)
     print(format_table(report))
+
+
+def check_writable(out):
+    """Refuse an --out whose folder cannot be created or written (e.g. a path under a regular file)."""
+    existing = out.resolve().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write {out}: {existing} is a file, not a folder; pass another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {out}: {existing} is not writable; pass another --out")
 
 
 def metric_keys(report):
@@ -162,7 +177,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: e.g. the disk filling up while the results are written
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -17,12 +17,22 @@ from ldm.util import instantiate_from_config  # noqa: E402
 
 
 def make_tiny_model(config_path="configs/tiny/v1-inference.yaml", seed=0):
-    """The tiny LatentDiffusion with every weight random. The layers that a fresh UNet initialises to zero (each block's
-    output projection) get PyTorch's default initialisation instead: zeros would make the prediction ignore the
-    text and hide every bug, and every gradient, behind it."""
+    """The tiny LatentDiffusion with every weight random.
+
+    A fresh UNet initialises each block's output projection to zero and PyTorch's default initialisation shrinks the
+    signal at every layer, so a random UNet would barely listen to its text: a random context would move its
+    prediction by a tenth of its size, and no adapter could be seen learning anything. The UNet's linear and
+    convolution weights are therefore drawn variance-preserving (He normal, std sqrt(2 / fan_in), zero biases);
+    the VAE's zero-initialised layers get PyTorch's default initialisation; CLIP keeps transformers' own.
+    """
     torch.manual_seed(seed)
     model = instantiate_from_config(OmegaConf.load(config_path).model)
-    for module in model.modules():
+    for module in model.model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            torch.nn.init.normal_(module.weight, 0.0, (2.0 / module.weight[0].numel()) ** 0.5)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    for module in model.first_stage_model.modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and hasattr(module, "reset_parameters") and not weight.any():
             module.reset_parameters()

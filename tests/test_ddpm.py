@@ -42,17 +42,18 @@ def test_frozen_parts_stay_in_eval_mode_and_without_grads(tiny_finetune_model):
 
 
 def test_loss_falls_when_overfitting_one_image(tiny_finetune_model):
-    """One image, fixed noise and timestep: 50 AdamW steps on the adapter alone must cut the loss.
+    """One image, fixed noise and timestep: 50 AdamW steps on the adapter alone cut the loss by at least 30%.
 
-    The random tiny UNet barely listens to its text (a random context moves its epsilon by 0.1 std against 0.32 for the
-    prediction itself), so only about 12% can be gained here; the drop of at least 30% of the issue is checked on the
-    trained toy model instead. This test still fails if gradients do not reach the adapter or the optimizer misses it."""
+    The tiny model is random, so there is no concept to learn, only this one noise to predict through the text alone;
+    the learning rate is raised from the reference's 1e-2 to 0.2 to get there in 50 steps (about 39% measured)."""
     m = tiny_finetune_model
     torch.manual_seed(0)
+    with torch.no_grad():
+        m.trainable_parameters()[0].copy_(torch.randn(m.trainable_parameters()[0].shape))
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     z = m.get_first_stage_encoding(m.encode_first_stage(x).mode())
-    noise, t = torch.randn_like(z), torch.tensor([50])
-    m.learning_rate = 0.1
+    noise, t = torch.randn_like(z), torch.tensor([500])
+    m.learning_rate = 0.2
     opt = m.configure_optimizers()
     losses = []
     for _ in range(50):
@@ -61,4 +62,4 @@ def test_loss_falls_when_overfitting_one_image(tiny_finetune_model):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.92 * losses[0], losses[::10]
+    assert losses[-1] < 0.7 * losses[0], losses[::10]

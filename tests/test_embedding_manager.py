@@ -84,6 +84,11 @@ def test_start_value_follows_loaded_weights_with_the_reference_position_quirk(ti
     (vector,) = model.embedding_manager.embedding_parameters()
     # The reference ran the initializer token alone through CLIP's embedding layer: token + position-0 embedding.
     assert torch.equal(vector[0], emb.token_embedding.weight[CIRCLE] + emb.position_embedding.weight[0])
+    with torch.no_grad():
+        vector.add_(1.0)
+    trained = vector.detach().clone()
+    model.load_state_dict(model.state_dict())
+    assert torch.equal(vector, trained)  # a vector that moved is not reset when base weights are loaded again
     config.model.params.personalization_config.params.init_with_position_embedding = False
     plain = load_model_from_config(config, tiny_ckpt, verbose=False)
     assert torch.equal(plain.embedding_manager.embedding_parameters()[0][0], emb.token_embedding.weight[CIRCLE])

@@ -134,7 +134,7 @@ def test_pipeline_renders_our_images(concept, tiny_ckpt):
     c = model.get_learned_conditioning([PROMPT])
     assert (cond - c).abs().max() < 1e-5 and (negative - uc).abs().max() < 1e-5
 
-    steps, scale = 5, 10.0
+    steps, scale = 4, 10.0
     x_T = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(78))
     z, _ = DDIMSampler(model).sample(steps, 1, (4, 8, 8), conditioning=c, unconditional_conditioning=uc,
                                      unconditional_guidance_scale=scale, eta=0.0, x_T=x_T, verbose=False)

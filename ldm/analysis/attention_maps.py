@@ -9,8 +9,8 @@ probabilities over every recorded call, i.e. over the layers of that resolution 
 
 Resolution: `downsample` is the UNet level as a factor of the latent side. The default 4 gives the 16x16 layers
 of SD at 512 px (latent 64x64), the resolution prompt-to-prompt averages; for the tiny model at 64 px (latent 8x8)
-it gives 2x2 maps. SD v1 has cross-attention at factors 1, 2, 4 (5 layers each at 2 and 4, encoder and decoder)
-and 8 (the middle block).
+it gives 2x2 maps. SD v1 has five cross-attention layers at each of the factors 1, 2 and 4 (two in the encoder,
+three in the decoder) and one at 8 (the middle block).
 
 Automatic mask (`concept_mask`): the map of a word (the mean over its token positions), upsampled bilinearly to the
 image, min-max normalised to [0, 1] and thresholded (value >= threshold is concept). A constant map carries no

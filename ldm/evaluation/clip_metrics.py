@@ -41,6 +41,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from tqdm import tqdm
 
+from ldm.checkpoint import brief_error, refused_pickle_reason
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # CLIP's mean colour as 8-bit RGB, (123, 117, 104): CLIP's normalisation maps it to about zero.
 FILL = tuple(round(channel * 255) for channel in OPENAI_DATASET_MEAN)
@@ -98,7 +100,12 @@ def _read_state_dict(path: Path) -> dict:
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, pickle.UnpicklingError, SafetensorError) as err:
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        if refused_pickle_reason(err):
+            raise ValueError(
+                f"CLIP weights {path} hold pickled Python objects beyond tensors, which are refused because unpickling "
+                f"them could run code ({refused_pickle_reason(err)}); pass an open_clip state dict of tensors or .safetensors"
+            ) from None
+        reason = brief_error(err, 160)
         raise ValueError(
             f"could not read CLIP weights {path} ({reason}); pass an open_clip state dict "
             f"(.bin/.pt/.pth or .safetensors, not OpenAI's TorchScript .pt)"
@@ -145,10 +152,27 @@ def list_images(folder) -> dict:
     return images
 
 
+def _read(path, mode: str) -> Image.Image:
+    """The image at `path`, upright by its EXIF orientation, in `mode` ("RGB" or "L"); one-line ValueErrors.
+
+    16-bit greyscale PNGs are scaled to 8 bits (PIL's convert() would clip every value above 255 to white).
+    """
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
+            return img.convert(mode)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path} is too large to open safely ({err}); downscale it") from None
+    except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for corrupt, truncated or unknown files
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise ValueError(f"cannot read image {path} ({reason}); replace or remove the file") from None
+
+
 def load_image(path) -> Image.Image:
-    """An RGB image with its EXIF orientation applied."""
-    with Image.open(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
+    """An RGB image with its EXIF orientation applied (16-bit grey scaled to 8 bits)."""
+    return _read(path, "RGB")
 
 
 def load_mask_folder(folder, stems: Sequence[str]) -> dict:
@@ -158,8 +182,7 @@ def load_mask_folder(folder, stems: Sequence[str]) -> dict:
     for stem in stems:
         if stem not in available:
             raise ValueError(f"no mask for image '{stem}' in {folder}; add {stem}.png (white = concept)")
-        with Image.open(available[stem]) as img:
-            masks[stem] = np.asarray(ImageOps.exif_transpose(img).convert("L")) > 127
+        masks[stem] = np.asarray(_read(available[stem], "L")) > 127
     return masks
 
 

@@ -1,4 +1,4 @@
-"""CatVersion concepts inside diffusers: patch a transformers `CLIPTextModel` so a `StableDiffusionPipeline` renders them.
+"""CatVersion concepts inside diffusers: patch the transformers `CLIPTextModel` of a `StableDiffusionPipeline`.
 
     pipe = StableDiffusionPipeline.from_pretrained("models/sd-v1-5", safety_checker=None, requires_safety_checker=False)
     patch = apply_catversion(pipe.text_encoder, "logs/teddybear/checkpoints/adapter")
@@ -51,7 +51,7 @@ def apply_catversion(text_encoder, adapter_path, strength=1.0):
 class CatVersionPatch:
     """What `apply_catversion` did to one text encoder: `adapters`, `disabled()` and `remove()`.
 
-    The adapters follow the text encoder's device: moving the pipeline (`pipe.to("cuda")`, `.half()`) after patching works.
+    The adapters follow the device of the token ids, so moving or offloading the pipeline after patching works.
     """
 
     def __init__(self, text_encoder):
@@ -64,7 +64,8 @@ class CatVersionPatch:
         config = text_encoder.config
         with torch.device("meta"):
             self.embedder = FrozenCLIPEmbedder(
-                text_config={k: getattr(config, k) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers")},
+                text_config={k: getattr(config, k)
+                             for k in ("hidden_size", "num_attention_heads", "num_hidden_layers")},
                 max_length=config.max_position_embeddings, freeze=False,
             )
         self.embedder.transformer = text_encoder
@@ -93,8 +94,8 @@ class CatVersionPatch:
         input_ids = args[0] if args else kwargs.get("input_ids")
         if input_ids is None:
             return None  # CLIPTextModel itself raises its "You have to specify input_ids"
-        device = next(module.parameters()).device
+        # The ids' device is where the text encoder runs, also when accelerate's offloading moves it only now.
         for adapter in self.adapters:
-            adapter.to(device)  # a no-op unless the pipeline moved since the last call
+            adapter.to(input_ids.device)  # a no-op unless the pipeline moved since the last call
         extra = self.embedder._extra_kv(input_ids.shape[0])
         return (args, {**kwargs, "catversion_kv": extra}) if extra else None

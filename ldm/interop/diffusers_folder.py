@@ -13,6 +13,7 @@ Accepted inside each component folder, in this order of preference: `diffusion_p
 A variant is chosen with `folder:variant` (e.g. `models/sd-v1-5:fp16`); without one the plain files are used, or
 the only variant present.
 """
+import hashlib
 import json
 import os
 import re
@@ -24,10 +25,13 @@ VAE_PREFIX = "first_stage_model."
 COMPONENTS = ("unet", "vae", "text_encoder")
 _BASE_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
 _EXTENSIONS = ("safetensors", "bin")
+# `<base>.<variant>.<ext>` or a sharded variant's `<base>.<ext>.index.<variant>.json`
 _VARIANT_FILE = re.compile(
-    r"(?:diffusion_pytorch_model|model|pytorch_model)(?:\.(\w+)\.(?:safetensors|bin)|\.(?:safetensors|bin)\.index\.(\w+)\.json)"
+    r"(?:diffusion_pytorch_model|model|pytorch_model)"
+    r"(?:\.(\w+)\.(?:safetensors|bin)|\.(?:safetensors|bin)\.index\.(\w+)\.json)"
 )
-_LAYOUT_HINT = "a diffusers SD v1 folder holds unet/, vae/ and text_encoder/, each with diffusion_pytorch_model.safetensors (or .bin, model.safetensors, pytorch_model.bin)"
+_LAYOUT_HINT = ("a diffusers SD v1 folder holds unet/, vae/ and text_encoder/, each with "
+                "diffusion_pytorch_model.safetensors (or .bin, model.safetensors, pytorch_model.bin)")
 
 
 def parse_folder_path(path):
@@ -67,8 +71,6 @@ def read_diffusers_folder(path):
 
 def folder_fingerprint(path):
     """One identity for the weights of a folder (and variant): the fingerprints of its files, combined."""
-    import hashlib
-
     files = [f for fs in weight_files(path).values() for f in fs]
     return hashlib.sha256(" ".join(fingerprint(f) for f in files).encode()).hexdigest()[:16]
 
@@ -90,7 +92,8 @@ def _component_files(folder, component, variant):
     found = _find_weights(sub, names, variant)
     if not found:
         what = f"no {variant} weights" if variant else "no weights"
-        raise CheckpointError(f"{sub} has {what} (found {', '.join(sorted(names)) or 'nothing'}); {_LAYOUT_HINT}")
+        listing = ", ".join(sorted(names)[:6]) + (", ..." if len(names) > 6 else "")
+        raise CheckpointError(f"{sub} has {what} (found {listing or 'nothing'}); {_LAYOUT_HINT}")
     return found
 
 
@@ -112,8 +115,14 @@ def _shards(index_path):
         with open(index_path, encoding="utf-8") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
     except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise CheckpointError(f"cannot read shard index {index_path} ({type(e).__name__}); the folder is incomplete, download it again") from None
-    return [os.path.join(os.path.dirname(index_path), s) for s in shards]
+        raise CheckpointError(f"cannot read shard index {index_path} ({type(e).__name__}); "
+                              "the folder is incomplete, download it again") from None
+    paths = [os.path.join(os.path.dirname(index_path), s) for s in shards]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise CheckpointError(f"{index_path} names {len(missing)} shard(s) that are not there, e.g. {missing[0]}; "
+                              "the folder is incomplete, download it again")
+    return paths
 
 
 def _mapped(state, prefix, component, key_fn):
@@ -134,7 +143,8 @@ def _levels(state, pattern):
 _UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
              "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
 _UNET_BLOCK = re.compile(
-    r"(?:down_blocks\.(?P<down>\d+)|mid_block|up_blocks\.(?P<up>\d+))\.(?P<kind>resnets|attentions)\.(?P<j>\d+)\.(?P<rest>.+)"
+    r"(?:down_blocks\.(?P<down>\d+)|mid_block|up_blocks\.(?P<up>\d+))"
+    r"\.(?P<kind>resnets|attentions)\.(?P<j>\d+)\.(?P<rest>.+)"
 )
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -181,7 +191,8 @@ def unet_to_ldm(state):
 
 # --- VAE -------------------------------------------------------------------------------------------------------------
 _VAE_RESNET_KEY = re.compile(
-    r"(?P<part>encoder|decoder)\.(?:down_blocks\.(?P<down>\d+)|up_blocks\.(?P<up>\d+)|mid_block)\.resnets\.(?P<j>\d+)\.(?P<name>\w+)"
+    r"(?P<part>encoder|decoder)\.(?:down_blocks\.(?P<down>\d+)|up_blocks\.(?P<up>\d+)|mid_block)"
+    r"\.resnets\.(?P<j>\d+)\.(?P<name>\w+)"
 )
 _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",

@@ -44,8 +44,8 @@ from torch import nn
 
 class EmbeddingManager(nn.Module):
     def __init__(self, placeholder_strings=("*",), initializer_words=None, num_vectors_per_token=1,
-                 init_with_position_embedding=True, per_image_tokens=False, progressive_words=False, **ignored):
-        super().__init__()  # `ignored` swallows reference keys without meaning here (embedder, token_dim, ...)
+                 init_with_position_embedding=True, per_image_tokens=False, progressive_words=False):
+        super().__init__()
         if per_image_tokens or progressive_words:
             raise ValueError("per_image_tokens and progressive_words are not supported; set both to false")
         placeholder_strings = list(placeholder_strings or ())
@@ -64,7 +64,9 @@ class EmbeddingManager(nn.Module):
         self.string_to_token = {}
         # Unregistered on purpose (see the module docstring); `_apply` carries them along.
         self.__dict__["_vectors"] = nn.ParameterDict()
-        self._initial = {}  # string -> the value a vector was initialised to (None: not yet), while it still holds it
+        # string -> the value (on the CPU) a vector was initialised to, None before the first initialisation;
+        # no entry for vectors loaded from a file, which are never re-initialised.
+        self._initial = {}
         self._init_tokens = {}
         self.__dict__["_embedder"] = None  # not a submodule: the text encoder belongs to the LatentDiffusion
         self._hooks = []
@@ -119,22 +121,22 @@ class EmbeddingManager(nn.Module):
         """Vectors still at their initial value start (again) from the initializer word's current embedding."""
         layer = self._embedder.transformer.embeddings
         for s, token in self._init_tokens.items():
-            if s in self._initial and (self._initial[s] is None or torch.equal(self._vectors[s], self._initial[s])):
-                start = layer.token_embedding.weight[token]
-                if self.init_with_position_embedding:
-                    start = start + layer.position_embedding.weight[0]
-                self._vectors[s].copy_(start.expand_as(self._vectors[s]))
-                self._initial[s] = self._vectors[s].detach().clone()
+            if s not in self._initial:  # loaded from a file
+                continue
+            initial = self._initial[s]
+            if initial is not None and not torch.equal(self._vectors[s].detach().to(initial), initial):  # trained
+                continue
+            start = layer.token_embedding.weight[token]
+            if self.init_with_position_embedding:
+                start = start + layer.position_embedding.weight[0]
+            self._vectors[s].copy_(start.expand_as(self._vectors[s]))
+            self._initial[s] = self._vectors[s].detach().to("cpu", copy=True)
 
     def embedding_parameters(self):
         """The trainable vectors, one (n, width) parameter per placeholder."""
         if self._embedder is None:
             raise ValueError("the embedding manager is not attached; call attach(text_encoder) first")
         return list(self._vectors.values())
-
-    def vectors(self):
-        """{placeholder string: its learned vectors (n, width)}."""
-        return dict(self._vectors.items())
 
     # --- the hook --------------------------------------------------------------------------------------
     def expand_ids(self, ids):
