@@ -113,7 +113,9 @@ def check_adapter_path(path):
 
 
 def check_checkpoint_path(path):
-    if not os.path.isfile(path):
+    from ldm.interop.diffusers_folder import parse_folder_path
+
+    if not (os.path.isfile(path) or parse_folder_path(path)):
         raise CheckpointError(f"checkpoint not found: {path}; pass --ckpt_path with an SD v1.x .ckpt/.safetensors, "
                               f"e.g. {SD_WEIGHTS_HINT}")
 
@@ -142,8 +144,11 @@ def load_model(config, ckpt_path, device="cpu", embedding_paths=(), strengths=(1
 
     `ckpt_path=None` builds the model with random weights (seeded, the same every time): for smoke tests only.
     `embedding_paths` are CatVersion adapters; the first replaces any adapter of the config, the others are
-    stacked onto it as further concepts. `strengths`: one for all adapters, or one per adapter.
+    stacked onto it as further concepts. `strengths`: one for all adapters, or one per adapter. A path ending in
+    `.pt` is a Textual Inversion `embeddings.pt` instead (its placeholder, e.g. `*`, goes in the prompt).
     """
+    embeddings = [p for p in embedding_paths if str(p).endswith(".pt")]
+    embedding_paths = [p for p in embedding_paths if not str(p).endswith(".pt")]
     strengths = expand_strengths(strengths, len(embedding_paths))
     for path in embedding_paths:
         check_adapter_path(path)
@@ -165,6 +170,12 @@ def load_model(config, ckpt_path, device="cpu", embedding_paths=(), strengths=(1
         if trained_on and model.base_fingerprint and trained_on != model.base_fingerprint:
             warnings.warn(f"adapter {path} was trained on base model {trained_on}, but this one is {model.base_fingerprint}; "
                           "its concept may not come through")
+    for path in embeddings:
+        from ldm.modules.embedding_manager import load_embeddings_into
+
+        if not os.path.isfile(path):
+            raise ValueError(f"embeddings not found: {path}; pass the embeddings.pt of a Textual Inversion run")
+        load_embeddings_into(model.cond_stage_model, path)
     return model.to(device)
 
 

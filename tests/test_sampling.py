@@ -134,3 +134,19 @@ def test_png_writes_are_atomic(tmp_path):
 def test_pixels_are_truncated_like_the_reference():
     x = torch.tensor([0.0, 0.5, 0.999, 1.0]).view(1, 4, 1).expand(3, 4, 1)
     assert sampling.to_uint8(x)[:, 0, 0].tolist() == [0, 127, 254, 255]  # numpy's astype(uint8) of 255 * x
+
+
+def test_textual_inversion_embeddings_load_through_embedding_path(tiny_ckpt, tiny_model, tmp_path):
+    from ldm.modules.embedding_manager import EmbeddingManager
+    from ldm.sampling import load_model
+
+    manager = EmbeddingManager(["*"], ["circle"]).attach(tiny_model.cond_stage_model)
+    with torch.no_grad():
+        manager.embedding_parameters()[0].copy_(torch.randn(1, 64))
+    manager.save(tmp_path / "embeddings.pt")
+    model = load_model("configs/tiny/v1-inference.yaml", tiny_ckpt, embedding_paths=[str(tmp_path / "embeddings.pt")], verbose=False)
+    with torch.no_grad():
+        ours, expected = model.get_learned_conditioning(["a * on grass"]), tiny_model.get_learned_conditioning(["a * on grass"])
+        assert torch.equal(ours, expected)
+        manager.detach()
+        assert not torch.equal(ours, tiny_model.get_learned_conditioning(["a * on grass"]))
