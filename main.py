@@ -45,7 +45,7 @@ def get_parser():
     p.add_argument("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
     p.add_argument("-n", "--name", default="", help="postfix of the run folder name")
     p.add_argument("-r", "--resume", default="", help="resume from a run folder or a checkpoint inside it")
-    p.add_argument("--actual_resume", default=None, help="the base model: an SD v1.x .ckpt or .safetensors")
+    p.add_argument("--actual_resume", default=None, help="the base model: an SD v1.x .ckpt, .safetensors or diffusers folder")
     p.add_argument("--data_root", default=None, help="folder with the concept's photos")
     p.add_argument("--init_word", default=None, help="the concept's base class word, e.g. teddybear (the training caption)")
     p.add_argument("-l", "--logdir", default="logs", help="where run folders are made")

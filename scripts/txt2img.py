@@ -60,11 +60,12 @@ def get_parser():
     p.add_argument("--seed", type=int, default=42, help="seed of the first iteration's noise x_T")
     p.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml", help="model config")
     p.add_argument("--ckpt_path", default="models/sd/v1-5.ckpt",
-                   help=f"SD v1.x checkpoint (.ckpt or .safetensors); '{RANDOM_WEIGHTS}' builds the model with random "
+                   help=f"SD v1.x checkpoint (.ckpt or .safetensors) or diffusers folder; '{RANDOM_WEIGHTS}' builds the model with random "
                         "weights, for smoke tests only")
     p.add_argument("--embedding_path", nargs="*", default=[],
                    help="CatVersion adapter(s): a training run's checkpoints/adapter folder, a catversion.safetensors "
-                        "or the authors' pytorch_adapter.bin; several values stack concepts (see above); none: plain SD")
+                        "or the authors' pytorch_adapter.bin; several values stack concepts (see above); a Textual Inversion "
+                        "embeddings.pt also works (put its placeholder, e.g. *, in the prompt); none: plain SD")
     p.add_argument("--strength", type=float, nargs="+", default=[1.0],
                    help="concept strength: one value for all adapters or one per adapter; 0 = base model, 1 = as trained")
     p.add_argument("--uc_dir", default="models/uc",
