@@ -16,9 +16,9 @@ what a user sees. A NaN loss is covered in tests/test_main.py (test_nan_loss_sto
 77-token warning in-process, --H/--W/--scale in-process, a missing or garbage --ckpt_path and a broken adapter
 file in tests/test_txt2img.py; they are not repeated here, except as real processes.
 """
+import io
 import json
 import os
-import resource
 import struct
 import subprocess
 import sys
@@ -37,10 +37,10 @@ from ldm.checkpoint import read_state_dict
 from ldm.evaluation import clip_metrics
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import instantiate_from_config
+from scripts import evaluate
 from scripts.txt2img import main as txt2img_main
 
 from .conftest import TINY_FINETUNE, TINY_INFERENCE
-from .test_evaluate import evaluate  # scripts/evaluate.py loaded as a module
 
 PROMPT = "circle on a green background"
 
@@ -91,8 +91,6 @@ def save_png_header_only(path, width, height):
 
 
 def rgb_jpeg_bytes(size=(64, 64), colour=(30, 160, 60)):
-    import io
-
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
@@ -166,15 +164,18 @@ def _folder(t, name, files):
     return folder
 
 
-def _fake_run(t, last_ckpt_bytes=None, last_ckpt_obj=None):
-    """A run folder whose checkpoints/last.ckpt is given (for --resume)."""
+def _fake_run(t, last_ckpt):
+    """A run folder whose checkpoints/last.ckpt holds the bytes `last_ckpt` (for --resume)."""
     ckpt_dir = t / "logs" / "run" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
-    if last_ckpt_obj is not None:
-        torch.save(last_ckpt_obj, ckpt_dir / "last.ckpt")
-    else:
-        (ckpt_dir / "last.ckpt").write_bytes(last_ckpt_bytes)
-    return ckpt_dir.parent
+    (ckpt_dir / "last.ckpt").write_bytes(last_ckpt)
+    return str(ckpt_dir.parent)
+
+
+def _saved(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 # Each case: argv edits given (the standard argv, tmp folder, bad checkpoints) -> (argv, expected message).
@@ -232,10 +233,10 @@ MAIN_ERRORS = {
     "--resume of a missing run": lambda a, t, c: (
         ["-t", "--resume", str(t / "logs" / "gone")], f"cannot resume: {t / 'logs' / 'gone'} does not exist"),
     "--resume with a truncated last.ckpt": lambda a, t, c: (
-        ["-t", "--resume", str(_fake_run(t, last_ckpt_obj={"global_step": 4, "x": torch.zeros(1000)}))],
-        "is corrupt or truncated"),
+        ["-t", "--resume", _fake_run(t, _saved({"global_step": 4, "x": torch.zeros(1000)})[:-300])],
+        f"cannot resume: {t / 'logs' / 'run' / 'checkpoints' / 'last.ckpt'} is corrupt or truncated"),
     "--resume with a last.ckpt carrying code": lambda a, t, c: (
-        ["-t", "--resume", str(_fake_run(t, last_ckpt_obj={"global_step": 4, "payload": _RunsCode(str(t / "pwned"))}))],
+        ["-t", "--resume", _fake_run(t, _saved({"global_step": 4, "payload": _RunsCode(str(t / "pwned"))}))],
         "refused because unpickling them could run code (it would call io.open); this program never writes such files"),
 }
 
@@ -248,9 +249,6 @@ def _text(path, content):
 @pytest.mark.parametrize("case", list(MAIN_ERRORS))
 def test_main_bad_input(case, tiny_ckpt, example_data, bad_ckpts, tmp_path, capsys):
     argv, message = MAIN_ERRORS[case](train_argv(tiny_ckpt, example_data, tmp_path / "logs"), tmp_path, bad_ckpts)
-    if case == "--resume with a truncated last.ckpt":  # cut the real zip file short
-        last = tmp_path / "logs" / "run" / "checkpoints" / "last.ckpt"
-        last.write_bytes(last.read_bytes()[:-300])
     before = files_under(tmp_path)
     assert_one_line_error(cli_error(main.main, argv, capsys), message)
     assert files_under(tmp_path) == before  # no run folder, no checkpoint, no *.tmp
@@ -304,7 +302,8 @@ UNREADABLE = {"corrupt.jpg": b"\xff\xd8\xff\xe0 this is not really a JPEG", "tru
 
 @pytest.fixture(scope="module")
 def odd_photos_run(tiny_ckpt, example_data, tmp_path_factory):
-    """main.py on the example photos plus every odd kind above: (run folder, {name: RGB image trained on}, warnings)."""
+    """main.py on the example photos plus every odd kind above: the run folder, the dataset it trained on (rebuilt from
+    the config the run saved), {photo name: index in the dataset} and the warnings the run gave."""
     import shutil
 
     root = tmp_path_factory.mktemp("odd_photos")
@@ -325,44 +324,39 @@ def odd_photos_run(tiny_ckpt, example_data, tmp_path_factory):
         dataset = instantiate_from_config(OmegaConf.load(os.path.join(logdir, "configs", project)).data.params.train)
     names = sorted(n for n in os.listdir(folder) if n.endswith((".png", ".jpg")) and n not in UNREADABLE)
     assert dataset.num_images == len(names) == 5 + len(ODD_PHOTOS)
-    return logdir, dict(zip(names, dataset.images)), [str(w.message) for w in caught]
+    return {"logdir": logdir, "dataset": dataset, "index": {n: i for i, n in enumerate(names)},
+            "warnings": [str(w.message) for w in caught]}
 
 
 def test_odd_photos_run_completes(odd_photos_run):
-    logdir, _, _ = odd_photos_run
+    import csv
+
+    logdir = odd_photos_run["logdir"]
     ckpt_dir = os.path.join(logdir, "checkpoints")
     assert sorted(os.listdir(os.path.join(ckpt_dir, "adapter"))) == ["adapter_config.json", "catversion.safetensors",
                                                                      "pytorch_adapter.bin"]
     assert torch.load(os.path.join(ckpt_dir, "last.ckpt"), weights_only=True)["global_step"] == 2
-    assert not [f for f in files_under(logdir) if f.endswith(".tmp") or "last-v" in f]
+    assert not [f for f in files_under(logdir) if f.endswith(".tmp") or "last-v" in f]  # no half-written or stray copies
     with open(os.path.join(logdir, "csv", "metrics.csv")) as f:
-        losses = [float(x) for line in f for x in line.strip().split(",")[-1:] if x and x[0].isdigit()]
-    assert losses and all(np.isfinite(losses))
+        losses = [float(r["train/loss_simple"]) for r in csv.DictReader(f) if r.get("train/loss_simple")]
+    assert len(losses) == 2 and all(np.isfinite(losses))
 
 
 @pytest.mark.parametrize("name", list(ODD_PHOTOS))
 def test_odd_photo_is_trained_on_as_rgb(name, odd_photos_run):
-    _, images, _ = odd_photos_run
-    image = images[name]
+    image = odd_photos_run["dataset"].images[odd_photos_run["index"][name]]
     assert image.mode == "RGB" and ODD_PHOTOS[name][2](image)
 
 
 @pytest.mark.parametrize("name", list(UNREADABLE))
 def test_unreadable_photo_among_good_ones_is_skipped_with_a_warning(name, odd_photos_run):
-    _, images, caught = odd_photos_run
-    assert name not in images
-    (skipped,) = [w for w in caught if w.startswith("skipping unreadable images in ")]
+    assert name not in odd_photos_run["index"]
+    (skipped,) = [w for w in odd_photos_run["warnings"] if w.startswith("skipping unreadable images in ")]
     assert f"{name} (" in skipped and "notes.txt" not in skipped
 
 
 def test_one_pixel_photo_is_resized_to_the_training_size(odd_photos_run):
-    from ldm.data.personalized import PersonalizedBase
-
-    _, images, _ = odd_photos_run
-    dataset = PersonalizedBase.__new__(PersonalizedBase)  # prepare() needs only these attributes
-    dataset.images, dataset.num_images, dataset.size, dataset.center_crop = [images["one_pixel.png"]], 1, 64, False
-    dataset.interpolation = Image.Resampling.BICUBIC
-    pixels = dataset.prepare(0, flip=False)
+    pixels = odd_photos_run["dataset"].prepare(odd_photos_run["index"]["one_pixel.png"], flip=False)
     assert pixels.shape == (64, 64, 3) and np.allclose(pixels, np.array([250, 200, 0]) / 127.5 - 1.0, atol=1e-6)
 
 
@@ -473,27 +467,35 @@ def _good_images(t):
         Image.new("RGB", (32, 32), (200, 30, 30)).save(t / side / "a.png")
 
 
-EVALUATE_ERRORS = {
-    "--ref_dir missing": lambda t: (evaluate_argv(t), "image folder not found: "),
-    "--gen_dir of non-images": lambda t: (
-        _folder(t, "ref", {"r.png": b""}) and _folder(t, "gen", {"notes.txt": b"hi", "clip.mp4": b"\0"}) and evaluate_argv(t),
-        "no images (jpg/jpeg/png/webp) in"),
-    "corrupt generated image": lambda t: (
-        _good_images(t) or (t / "gen" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken") and evaluate_argv(t),
-        f"cannot read image {t / 'gen' / 'b.png'} ("),
-    "200 MP image": lambda t: (
-        _good_images(t) or save_png_header_only(t / "gen" / "panorama.png", 20000, 10000) or evaluate_argv(t),
-        f"{t / 'gen' / 'panorama.png'} is too large to open safely (Image size (200000000 pixels) exceeds limit"),
-    "CLIP weights pickle carrying code": lambda t: (
-        _good_images(t) or torch.save({"w": torch.zeros(1), "payload": _RunsCode(str(t / "pwned"))}, t / "evil.bin")
-        or evaluate_argv(t, "evil.bin"),
-        "hold pickled Python objects beyond tensors, which are refused because unpickling them could run code (it would call io.open)"),
-}
+def _evaluate_case(case, t):
+    """Set up the folders of one bad-input case; (argv, expected message)."""
+    if case == "--ref_dir missing":
+        return evaluate_argv(t), f"image folder not found: {t / 'ref'}; pass an existing directory"
+    if case == "--gen_dir of non-images":
+        _folder(t, "ref", {"r.png": b""})
+        _folder(t, "gen", {"notes.txt": b"hi", "clip.mp4": b"\0"})
+        return evaluate_argv(t), f"no images (jpg/jpeg/png/webp) in {t / 'gen'}; add some"
+    _good_images(t)
+    if case == "corrupt generated image":
+        (t / "gen" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        return evaluate_argv(t), f"cannot read image {t / 'gen' / 'b.png'} ("
+    if case == "200 MP image":  # above PIL's decompression-bomb error limit (179 MP)
+        save_png_header_only(t / "gen" / "panorama.png", 20000, 10000)
+        return evaluate_argv(t), f"{t / 'gen' / 'panorama.png'} is too large to open safely (Image size (200000000 pixels)"
+    if case == "CLIP weights pickle carrying code":
+        torch.save({"w": torch.zeros(1), "payload": _RunsCode(str(t / "pwned"))}, t / "evil.bin")
+        return evaluate_argv(t, "evil.bin"), ("hold pickled Python objects beyond tensors, which are refused because "
+                                              "unpickling them could run code (it would call io.open)")
+    raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", list(EVALUATE_ERRORS))
+EVALUATE_ERRORS = ["--ref_dir missing", "--gen_dir of non-images", "corrupt generated image", "200 MP image",
+                   "CLIP weights pickle carrying code"]
+
+
+@pytest.mark.parametrize("case", EVALUATE_ERRORS)
 def test_evaluate_bad_input(case, tmp_path, capsys):
-    argv, message = EVALUATE_ERRORS[case](tmp_path)
+    argv, message = _evaluate_case(case, tmp_path)
     before = files_under(tmp_path)
     assert_one_line_error(cli_error(evaluate.main, argv, capsys), message)
     assert files_under(tmp_path) == before and not (tmp_path / "pwned").exists()
