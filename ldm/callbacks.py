@@ -6,15 +6,15 @@ import torch
 import torchvision
 from PIL import Image
 
+from ldm.util import atomic_write
+
 
 def save_image_grid(images, path, nrow=None):
     """Save images in [-1, 1] (b, c, h, w) as one PNG grid, atomically."""
     images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     grid = torchvision.utils.make_grid(images, nrow=nrow or max(1, int(len(images) ** 0.5)), padding=2)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
     return grid
 
 
@@ -40,10 +40,7 @@ class AdapterCheckpoint(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero:
             self.save(pl_module, "adapter", trainer.global_step)
-        last = os.path.join(self.dirpath, "last.ckpt")
-        trainer.save_checkpoint(last + ".tmp")
-        if trainer.is_global_zero:
-            os.replace(last + ".tmp", last)
+        atomic_write(os.path.join(self.dirpath, "last.ckpt"), trainer.save_checkpoint)
 
 
 class ImageLogger(pl.Callback):

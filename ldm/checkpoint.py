@@ -13,6 +13,8 @@ import zipfile
 
 import torch
 
+from ldm.util import atomic_write
+
 TEXT_PREFIX = "cond_stage_model.transformer."
 TEXT_4X_PREFIX = TEXT_PREFIX + "text_model."
 
@@ -155,15 +157,11 @@ def save_checkpoint(model, path, dtype=None, extra=None):
     state.update(extra or {})
     state = {k: v.contiguous() for k, v in state.items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        save_file(state, tmp)
-    else:
-        torch.save({"state_dict": state}, tmp)
-    os.replace(tmp, path)
-    return path
+        return atomic_write(path, lambda tmp: save_file(state, tmp))
+    return atomic_write(path, lambda tmp: torch.save({"state_dict": state}, tmp))
 
 
 def fingerprint(path, chunk=1 << 22):

@@ -14,7 +14,6 @@ import hashlib
 import math
 import os
 import re
-import tempfile
 import warnings
 
 import torch
@@ -26,7 +25,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.models.diffusion.ddim import DDIMSampler, ddim_timesteps
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.encoders.modules import AUTHORS_WEIGHTS, OUR_WEIGHTS
-from ldm.util import load_model_from_config
+from ldm.util import atomic_write, load_model_from_config
 
 UC_DIR = "models/uc"
 LATENT_FACTOR = 8  # the SD v1 VAE (and the tiny one) halves the resolution three times
@@ -241,7 +240,7 @@ def _write_uc(path, uc, fingerprint):
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_write(path, lambda tmp: save_file({"uc": uc.detach().to("cpu", torch.float32).contiguous()}, tmp,
+    atomic_write(path, lambda tmp: save_file({"uc": uc.detach().to("cpu", torch.float32).contiguous()}, tmp,
                                               metadata={"base_fingerprint": fingerprint, "prompt": ""}))
 
 
@@ -268,20 +267,8 @@ def to_uint8(images):
 
 def save_png(array, path):
     """Write an (h, w, 3) uint8 array as PNG through a temporary name: no half-written image is ever visible."""
-    _atomic_write(path, lambda tmp: Image.fromarray(array.numpy()).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: Image.fromarray(array.numpy()).save(tmp, format="PNG"))
     return path
-
-
-def _atomic_write(path, write):
-    folder, base = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def generate(model, prompts, outdir="outputs/txt2img-samples", ddim_steps=50, plms=False, ddim_eta=0.0, n_iter=1,

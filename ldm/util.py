@@ -1,5 +1,6 @@
 """Config plumbing in the CompVis style: every model is built from a `target:` path and its `params:`."""
 import importlib
+import os
 
 from omegaconf import OmegaConf
 
@@ -32,3 +33,19 @@ def load_model_from_config(config, ckpt_path=None, device="cpu", verbose=True):
     if ckpt_path is not None:
         load_checkpoint_into(model, ckpt_path, verbose=verbose)
     return model.to(device).eval()
+
+
+def atomic_write(path, write):
+    """Call `write(tmp)` on a temporary name beside `path`, then rename it over `path`: nobody ever sees half a file,
+    and a failure leaves nothing behind."""
+    path = os.fspath(path)
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

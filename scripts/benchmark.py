@@ -47,6 +47,9 @@ def get_parser():
     p.add_argument("--batch_size", type=int, default=2, help="images per training step / samples per sampling step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path (after one warm-up round)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's). On a CPU shared with other work, 1 keeps timings stable: "
+                        "a multi-threaded op stalls whenever one of its threads is descheduled")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of each step's random numbers")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "auto"), help="override fast.precision")
     p.add_argument("--compile", action="store_true", help="override fast.compile with true")
@@ -277,6 +280,8 @@ def memory_in_fresh_process(opt, path):
     argv = [sys.executable, os.path.abspath(__file__), "--measure_memory", path, "--config", opt.config,
             "--H", str(opt.H), "--W", str(opt.W), "--batch_size", str(opt.batch_size), "--device", opt.device,
             "--seed", str(opt.seed)]
+    if opt.threads is not None:
+        argv += ["--threads", str(opt.threads)]
     if opt.precision:
         argv += ["--precision", opt.precision]
     if opt.compile:
@@ -307,6 +312,8 @@ def run(opt):
 
     config = load_config(opt)
     opt.device = opt.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if opt.threads is not None:
+        torch.set_num_threads(opt.threads)
     if opt.measure_memory:
         print(json.dumps({"peak_mem_mb": measure_memory(config, opt, opt.device, opt.measure_memory)}))
         return None

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.evaluation import clip_metrics  # noqa: E402
+from ldm.util import atomic_write  # noqa: E402
 
 MASK_RULE = (
     "Masked CLIP-I: on both sides, pixels outside the mask become the CLIP mean grey RGB "
@@ -134,7 +135,7 @@ def write_outputs(out, report):
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, data in payloads.items():
-        atomic_write(path, data)
+        atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
 
 
 def bar_chart(report):
@@ -157,20 +158,6 @@ def bar_chart(report):
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
-
-
-def atomic_write(path, data: bytes):
-    """Write to a temporary file in the same folder, then rename, so readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # os.open with mode 0o666 lets the umask decide the permissions, as for a plain open().
-    handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def main(argv=None):

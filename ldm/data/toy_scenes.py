@@ -9,6 +9,8 @@ import random
 
 from PIL import Image, ImageDraw
 
+from ldm.util import atomic_write
+
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
     "purple": (140, 50, 170), "orange": (240, 140, 30), "white": (240, 240, 240), "black": (25, 25, 25),
@@ -70,7 +72,6 @@ def write_concept_folder(folder, n=5, size=64, seed=0):
     paths = []
     for i, img in enumerate(concept_images(n, size, seed)):
         path = os.path.join(folder, f"{i:02d}.png")
-        img.save(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)
+        atomic_write(path, lambda tmp, img=img: img.save(tmp, format="PNG"))
         paths.append(path)
     return paths

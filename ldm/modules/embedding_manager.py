@@ -36,10 +36,11 @@ inference config understand the placeholder(s) of that file.
 """
 import os
 import pickle
-import tempfile
 
 import torch
 from torch import nn
+
+from ldm.util import atomic_write
 
 
 class EmbeddingManager(nn.Module):
@@ -173,15 +174,7 @@ class EmbeddingManager(nn.Module):
             "string_to_token": {s: torch.tensor(t, dtype=torch.int64) for s, t in self.string_to_token.items()},
             "string_to_param": {s: v.detach().to("cpu", torch.float32).clone() for s, v in self._vectors.items()},
         }
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     def load(self, path):
         """Replace placeholders and vectors by those of an `embeddings.pt` (ours or the reference's)."""

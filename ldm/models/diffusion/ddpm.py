@@ -93,6 +93,7 @@ class LatentDiffusion(pl.LightningModule):
         self._latent_cache = {}  # (image index, flip) -> VAE moments (1, 2c, h, w)
         self._text_cache = {}  # (caption, first adapted layer) -> hidden states entering that layer (77, width)
         self._compiled_unet = None
+        self._channels_last = False  # set by prepare_fast_path, together with the weights' layout
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -121,7 +122,7 @@ class LatentDiffusion(pl.LightningModule):
         return self.first_stage_model.decode(z / self.scale_factor)
 
     def apply_model(self, x_noisy, t, cond):
-        if self._fast_on("channels_last"):
+        if self._channels_last:
             x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)
         model = self._compiled_unet if self.fast["compile"] and self._compiled_unet is not None else self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._precision() == "bf16"):
@@ -228,8 +229,8 @@ class LatentDiffusion(pl.LightningModule):
                 module.use_checkpoint = checkpointing
             elif isinstance(module, BasicTransformerBlock):
                 module.checkpoint = checkpointing
-        fmt = torch.channels_last if self._fast_on("channels_last") else torch.contiguous_format
-        self.model.to(memory_format=fmt)
+        self._channels_last = self._fast_on("channels_last")
+        self.model.to(memory_format=torch.channels_last if self._channels_last else torch.contiguous_format)
         if self.fast["compile"] and self._compiled_unet is None:
             # Kept outside the module tree, so state-dict keys stay free of torch.compile's `_orig_mod.`.
             object.__setattr__(self, "_compiled_unet", torch.compile(self.model))
