@@ -53,3 +53,42 @@ def tiny_finetune_model(tiny_ckpt):
     from ldm.util import load_model_from_config
 
     return load_model_from_config(OmegaConf.load(TINY_FINETUNE), tiny_ckpt, verbose=False)
+
+
+# --- independent implementations (test-only dependencies) built from our checkpoints -------------------
+def diffusers_models(ckpt_path):
+    """(UNet2DConditionModel, AutoencoderKL, CLIPTextModel) from our SD checkpoint through diffusers' own converters."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.modules.encoders.modules import VIT_L_TEXT
+
+    from ldm.checkpoint import read_state_dict
+
+    ckpt = read_state_dict(ckpt_path)
+    original = OmegaConf.to_container(OmegaConf.load(TINY_INFERENCE))
+    unet_config = create_unet_diffusers_config_from_ldm(original, ckpt)
+    unet = UNet2DConditionModel(**unet_config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, unet_config), strict=True)
+    vae_config = create_vae_diffusers_config_from_ldm(original, ckpt)
+    vae = AutoencoderKL(**vae_config)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vae_config), strict=True)
+    text_config = CLIPTextConfig(**{**VIT_L_TEXT, **original["model"]["params"]["cond_stage_config"]["params"]["text_config"]})
+    text_encoder = CLIPTextModel._from_config(text_config, attn_implementation="sdpa")
+    # diffusers keeps transformers 4.x's `text_model.` level; transformers 5.x models have none.
+    clip = convert_ldm_clip_checkpoint(ckpt)
+    text_encoder.load_state_dict({k.removeprefix("text_model."): v for k, v in clip.items()}, strict=True)
+    return unet.eval(), vae.eval(), text_encoder.eval()
+
+
+def randomize_(model, std, seed=0):
+    """Non-trivial weights everywhere: zero-initialised output convs would hide bugs in whole branches."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm_scale = p.ndim == 1 and "norm" in name and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if is_norm_scale else 0.0))
+    return model

@@ -9,6 +9,8 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
+from .conftest import randomize_
+
 SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 TINY_CONFIG = "configs/tiny/v1-inference.yaml"
 REFERENCE_KEYS = "tests/data/sd-v1-5-unet-vae-keys.json"  # the real SD v1.5 keys and shapes
@@ -22,16 +24,6 @@ def vae_config(path):
 def load_reference_keys():
     with open(REFERENCE_KEYS) as f:
         return {k: v for k, v in json.load(f).items() if k.startswith(PREFIX)}
-
-
-def randomize_(model, std, seed=0):
-    """Non-trivial weights everywhere, norm scales around 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_norm_scale = p.ndim == 1 and "norm" in name and name.endswith("weight")
-            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if is_norm_scale else 0.0))
-    return model
 
 
 def tiny_vae():

@@ -10,33 +10,7 @@ from safetensors.torch import load_file, save_file
 from ldm.checkpoint import CheckpointError, fingerprint, keys_to_sd, read_state_dict
 from ldm.util import load_model_from_config
 
-from .conftest import TINY_INFERENCE
-
-
-def diffusers_models(ckpt_path):
-    """(UNet2DConditionModel, AutoencoderKL, CLIPTextModel) from our SD checkpoint through diffusers' own converters."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
-                                                     create_vae_diffusers_config_from_ldm)
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ldm.modules.encoders.modules import VIT_L_TEXT
-
-    ckpt = read_state_dict(ckpt_path)
-    original = OmegaConf.to_container(OmegaConf.load(TINY_INFERENCE))
-    unet_config = create_unet_diffusers_config_from_ldm(original, ckpt)
-    unet = UNet2DConditionModel(**unet_config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, unet_config), strict=True)
-    vae_config = create_vae_diffusers_config_from_ldm(original, ckpt)
-    vae = AutoencoderKL(**vae_config)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vae_config), strict=True)
-    text_config = CLIPTextConfig(**{**VIT_L_TEXT, **original["model"]["params"]["cond_stage_config"]["params"]["text_config"]})
-    text_encoder = CLIPTextModel._from_config(text_config, attn_implementation="sdpa")
-    # diffusers keeps transformers 4.x's `text_model.` level; transformers 5.x models have none.
-    clip = convert_ldm_clip_checkpoint(ckpt)
-    text_encoder.load_state_dict({k.removeprefix("text_model."): v for k, v in clip.items()}, strict=True)
-    return unet.eval(), vae.eval(), text_encoder.eval()
+from .conftest import TINY_INFERENCE, diffusers_models
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,11 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from ldm.interop.diffusers import apply_catversion
 from ldm.models.diffusion.ddim import DDIMSampler
 
-from .conftest import TINY_INFERENCE
+from .conftest import diffusers_models
 
 PROMPT = "teddybear on the beach"
 
@@ -36,21 +35,9 @@ def diffusers_text_encoder(model):
 
 def diffusers_pipeline(model, ckpt_path):
     """StableDiffusionPipeline from our tiny checkpoint via diffusers' own converters, DDIM set up as SD v1."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-                                                     create_unet_diffusers_config_from_ldm,
-                                                     create_vae_diffusers_config_from_ldm)
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from ldm.checkpoint import read_state_dict
-
-    ckpt = read_state_dict(ckpt_path)
-    original = OmegaConf.to_container(OmegaConf.load(TINY_INFERENCE))
-    unet_config = create_unet_diffusers_config_from_ldm(original, ckpt)
-    unet = UNet2DConditionModel(**unet_config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, unet_config), strict=True)
-    vae_config = create_vae_diffusers_config_from_ldm(original, ckpt)
-    vae = AutoencoderKL(**vae_config)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vae_config), strict=True)
+    unet, vae, _ = diffusers_models(ckpt_path)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
     pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=diffusers_text_encoder(model),

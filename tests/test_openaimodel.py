@@ -8,6 +8,8 @@ from omegaconf import OmegaConf
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import instantiate_from_config
 
+from .conftest import randomize_
+
 SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 TINY_CONFIG = "configs/tiny/v1-inference.yaml"
 REFERENCE_KEYS = "tests/data/sd-v1-5-unet-vae-keys.json"  # the real SD v1.5 keys and shapes
@@ -21,16 +23,6 @@ def unet_config(path):
 def load_reference_keys():
     with open(REFERENCE_KEYS) as f:
         return {k: v for k, v in json.load(f).items() if k.startswith(PREFIX)}
-
-
-def randomize_(model, std, seed=0):
-    """Non-trivial weights everywhere: zero-initialised output convs would hide bugs in whole branches."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_norm_scale = p.ndim == 1 and "norm" in name and name.endswith("weight")
-            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if is_norm_scale else 0.0))
-    return model
 
 
 def tiny_unet(**overrides):
