@@ -35,8 +35,8 @@ def test_any_mode_becomes_rgb(tmp_path, mode):
     _save(tmp_path, "a.png" if mode not in ("CMYK",) else "a.jpg", img)
     out = load_rgb(next(tmp_path.iterdir()))
     assert out.mode == "RGB" and out.size == (10, 10)
-    if mode == "I;16":  # 16-bit grey is rescaled, not clipped to white
-        assert np.asarray(out).max() == 255
+    if mode == "I;16":  # 16-bit grey is rescaled (40000 / 257 = 155), not clipped to white
+        assert np.asarray(out).max() == 155
 
 
 def test_transparent_pixels_become_white(tmp_path):
@@ -75,5 +75,19 @@ def test_corrupt_image_among_good_ones_is_skipped_with_warning(example_data, tmp
     good = (folder / "00.png").read_bytes()
     (folder / "zz_truncated.png").write_bytes(good[: len(good) // 2])
     with pytest.warns(UserWarning, match="skipping unreadable images .*zz_truncated.png"):
+        ds = PersonalizedBase(str(folder), base_class_word="circle", size=16)
+    assert ds.num_images == 5
+
+
+def test_image_over_the_decompression_bomb_limit_is_skipped(example_data, tmp_path):
+    """A 200-megapixel PNG (a header is enough for PIL to refuse it) is skipped with a warning, like a corrupt file."""
+    import shutil
+
+    from .test_bad_inputs import save_png_header_only
+
+    folder = tmp_path / "bomb"
+    shutil.copytree(example_data, folder)
+    save_png_header_only(folder / "huge.png", 20000, 10000)
+    with pytest.warns(UserWarning, match=r"skipping unreadable images .*huge.png \(DecompressionBombError\)"):
         ds = PersonalizedBase(str(folder), base_class_word="circle", size=16)
     assert ds.num_images == 5

@@ -31,9 +31,8 @@ def load_rgb(path):
     """Any PIL mode (CMYK, RGBA, palette, 16-bit, grey) as 8-bit RGB, upright according to its EXIF orientation."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits instead of clipping
-            arr = np.asarray(im, dtype=np.float64)
-            arr = arr / max(arr.max(), 1.0) * 255.0
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bits (/257) instead of clipping to white
+            arr = np.asarray(im, dtype=np.float64) / 257.0
             im = Image.fromarray(arr.astype(np.uint8))
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA")
@@ -72,7 +71,8 @@ class PersonalizedBase(Dataset):
         for path in list_images(data_root):
             try:
                 self.images.append(load_rgb(path))
-            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for corrupt, truncated or unknown files
+            # what PIL raises for corrupt, truncated or unknown files, and for images over its 179-megapixel bomb limit
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 bad.append(f"{os.path.basename(path)} ({type(e).__name__})")
         if bad:
             warnings.warn(f"skipping unreadable images in {data_root}: {', '.join(bad)}")
