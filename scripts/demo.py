@@ -25,6 +25,10 @@ def main(argv=None):
 
     import torch
 
+    # The tiny model's operations are too small to share among threads: one thread is as fast on an idle machine and
+    # does not collapse (tens of times slower) when other processes compete for the cores.
+    torch.set_num_threads(1)
+
     import main as train_main
     from ldm.callbacks import save_image_grid
     from ldm.data.toy_scenes import write_concept_folder

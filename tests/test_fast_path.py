@@ -103,7 +103,6 @@ def test_cached_step_equals_the_reference_step(tiny_finetune_model, data):
         loss, grad = train_step(m, batch, seed=1)
     finally:
         calls.remove()
-    print("loss", loss.item(), ref_loss.item(), "grad", (grad - ref_grad).abs().max().item(), grad.abs().max().item())
     assert abs(loss - ref_loss) <= 1e-5 and (grad - ref_grad).abs().max() <= 1e-5
     # The gradient is small (a random UNet listens little to its text), so also relative to its size:
     assert (grad - ref_grad).abs().max() <= 1e-3 * grad.abs().max()
@@ -126,6 +125,24 @@ def test_cached_step_equals_the_reference_step(tiny_finetune_model, data):
     assert calls(m.first_stage_model.encoder) == 2  # the reference step, and the one missing picture
     assert abs(expected - ref_loss) > 1e-4
     calls.remove()
+
+
+def test_text_cache_with_mixed_captions(tiny_finetune_model):
+    """Each distinct caption runs the adapted layers once; rows come back in the batch's order, gradients included."""
+    m = tiny_finetune_model
+    captions = ["circle", "a photo of a circle", "circle"]
+    adapter = m.trainable_parameters()[0]
+    results = []
+    for options in (REFERENCE, {}):
+        use(m, **options)
+        adapter.grad = None
+        cond = m.get_training_conditioning(captions)
+        (cond * torch.linspace(-1, 1, cond.numel()).view_as(cond)).sum().backward()
+        results.append((cond.detach(), adapter.grad.clone()))
+    (ref, ref_grad), (ours, grad) = results
+    assert (ours - ref).abs().max() < 1e-5 and (grad - ref_grad).abs().max() < 1e-5 * ref_grad.abs().max()
+    assert torch.equal(ours[0], ours[2]) and (ours[0] - ours[1]).abs().max() > 1e-2
+    assert sorted(m._text_cache) == [("a photo of a circle", 9), ("circle", 9)]
 
 
 def test_checkpointing_and_channels_last_change_no_number(tiny_finetune_model, data):

@@ -162,18 +162,24 @@ class LatentDiffusion(pl.LightningModule):
         """`get_learned_conditioning(captions)` for a training step, through the text cache with `fast.cache_text`.
 
         The frozen layers below the first adapted one see no trainable number, so their output for a caption is
-        computed once; each step runs only the adapted layers and the final layer norm. Not with a Textual Inversion
-        embedding manager: its trainable word embeddings enter at the bottom."""
+        computed once; each step runs only the adapted layers and the final layer norm, once per distinct caption
+        (CatVersion's batches repeat one caption). Not with a Textual Inversion embedding manager: its trainable word
+        embeddings enter at the bottom."""
         enc = self.cond_stage_model
         if not self.fast["cache_text"] or self.embedding_manager is not None or not hasattr(enc, "encode_from_hidden"):
             return self.get_learned_conditioning(captions)
         start = enc.first_adapted_layer
-        missing = sorted({c for c in captions if (c, start) not in self._text_cache})
+        distinct = list(dict.fromkeys(captions))
+        missing = [c for c in distinct if (c, start) not in self._text_cache]
         if missing:
             for caption, hidden in zip(missing, enc.frozen_hidden_states(enc.tokenize(missing), start)):
                 self._text_cache[(caption, start)] = hidden
-        hidden = torch.stack([self._text_cache[(c, start)] for c in captions])
-        return enc.encode_from_hidden(hidden, start)
+        cond = enc.encode_from_hidden(torch.stack([self._text_cache[(c, start)] for c in distinct]), start)
+        if len(distinct) == 1:
+            # A view of the one row: the UNet's cross-attention can then project it once for the whole batch.
+            return cond.expand(len(captions), -1, -1)
+        row = {c: i for i, c in enumerate(distinct)}
+        return torch.cat([cond[row[c]:row[c] + 1] for c in captions])  # slices, not an index tensor: no device copy
 
     def clear_fast_caches(self):
         """Forget cached latents and text states (they are stale once the frozen weights or the data change)."""
