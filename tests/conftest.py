@@ -9,7 +9,9 @@ from omegaconf import OmegaConf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)  # configs and scripts are addressed relative to the repository root
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the tiny models' operations are too small to share, and several threads collapse (tens of times
+# slower) as soon as another process competes for the two cores.
+torch.set_num_threads(1)
 
 TINY_INFERENCE = "configs/tiny/v1-inference.yaml"
 TINY_FINETUNE = "configs/tiny/v1-finetune.yaml"
