@@ -247,16 +247,17 @@ def bar_chart(rows, metrics, title):
 
 
 def write_table(outdir, rows, metrics, title):
-    from scripts.evaluate import atomic_write
+    from ldm.util import atomic_write
 
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS + metrics, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: r[k] for k in COLUMNS + metrics} for r in rows)
     paths = {"csv": Path(outdir, "ablation.csv"), "md": Path(outdir, "ablation.md"), "png": Path(outdir, "ablation.png")}
-    atomic_write(paths["csv"], text.getvalue().encode())
-    atomic_write(paths["md"], (f"{title}\n\n" + markdown(rows, metrics)).encode())
-    atomic_write(paths["png"], bar_chart(rows, metrics, title))
+    payloads = {"csv": text.getvalue().encode(), "md": (f"{title}\n\n" + markdown(rows, metrics)).encode(),
+                "png": bar_chart(rows, metrics, title)}
+    for key, data in payloads.items():
+        atomic_write(paths[key], lambda tmp, data=data: Path(tmp).write_bytes(data))
     return {k: str(p) for k, p in paths.items()}
 
 

@@ -92,14 +92,14 @@ def labelled(image, label, height=14):
 def save_grid(tiles, path, columns=8):
     from PIL import Image
 
-    from ldm.sampling import _atomic_write
+    from ldm.util import atomic_write
 
     w, h = tiles[0].size
     rows = (len(tiles) + columns - 1) // columns
     grid = Image.new("RGB", (w * min(columns, len(tiles)), h * rows), "white")
     for i, tile in enumerate(tiles):
         grid.paste(tile, ((i % columns) * w, (i // columns) * h))
-    _atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def run(opt):

@@ -12,6 +12,7 @@ os.chdir(ROOT)  # configs and scripts are addressed relative to the repository r
 # One thread: the tiny models' operations are too small to share, and several threads collapse (tens of times
 # slower) as soon as another process competes for the two cores.
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"  # and the same in the CLIs the tests start, so their numbers match bit for bit
 
 TINY_INFERENCE = "configs/tiny/v1-inference.yaml"
 TINY_FINETUNE = "configs/tiny/v1-finetune.yaml"

@@ -3,7 +3,6 @@ import contextlib
 import json
 import os
 import pickle
-import tempfile
 import warnings
 
 import torch
@@ -14,6 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.modules.encoders.concat_kv import ATTN_IMPLEMENTATION, ConcatKV
 from ldm.modules.encoders.tokenizer import build_clip_tokenizer
+from ldm.util import atomic_write
 
 # The text tower of openai/clip-vit-large-patch14 as used by SD v1, with the real special-token ids.
 VIT_L_TEXT = dict(
@@ -234,9 +234,9 @@ class FrozenCLIPEmbedder(nn.Module):
                 "width": str(a.width), "heads": str(a.heads)}
         ours.update({str(k): str(v) for k, v in (metadata or {}).items()})
         os.makedirs(directory, exist_ok=True)
-        _atomic_write(os.path.join(directory, AUTHORS_CONFIG), lambda p: _write_text(p, json.dumps(config, indent=2)))
-        _atomic_write(os.path.join(directory, AUTHORS_WEIGHTS), lambda p: torch.save(authors, p))
-        _atomic_write(os.path.join(directory, OUR_WEIGHTS), lambda p: save_file({"control_trans": flat}, p, metadata=ours))
+        atomic_write(os.path.join(directory, AUTHORS_CONFIG), lambda p: _write_text(p, json.dumps(config, indent=2)))
+        atomic_write(os.path.join(directory, AUTHORS_WEIGHTS), lambda p: torch.save(authors, p))
+        atomic_write(os.path.join(directory, OUR_WEIGHTS), lambda p: save_file({"control_trans": flat}, p, metadata=ours))
 
     def adapter_load(self, path, strength=1.0, stack=False):
         """Load an adapter (directory, .safetensors or the authors' .bin); stack=True adds it as another concept."""
@@ -278,18 +278,6 @@ class FrozenCLIPEmbedder(nn.Module):
         if len(layers) != n:
             raise ValueError(f"adapter {path} has {n} layers of numbers but its adapter_config.json leave_out keeps {len(layers)}; the files do not belong together")
         return layers
-
-
-def _atomic_write(path, write):
-    """Write through a temporary name in the same directory, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _write_text(path, text):
