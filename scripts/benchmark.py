@@ -16,7 +16,7 @@ machine shared with other work slows all of them alike):
 A training step is optimizer zero_grad + loss + backward + AdamW step; a sampling step is one DDIM step with
 classifier-free guidance (scale 10: one UNet call on 2 x batch). The first round is warm-up (it fills the caches).
 Peak memory of a training step after warm-up, for each path in a fresh process (--memory process): CUDA max
-allocated, or on a CPU the peak resident set (weights, and on a CPU the libraries' memory, included).
+allocated, or on a CPU the peak resident set (weights and libraries included).
 """
 import argparse
 import json
@@ -30,6 +30,15 @@ import time
 from contextlib import nullcontext
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from ldm.models.diffusion.ddim import ddim_schedule, ddim_step, ddim_timesteps  # noqa: E402
+from ldm.models.diffusion.guidance import guided_eps_fn  # noqa: E402
+from scripts.make_tiny_model import make_tiny_model  # noqa: E402
 
 PATHS = ("reference", "fast", "diffusers")
 REFERENCE_FAST = {"cache_latents": False, "cache_text": False, "precision": "fp32", "gradient_checkpointing": False,
@@ -64,8 +73,6 @@ def get_parser():
 
 # --- building ---------------------------------------------------------------------------------------------
 def load_config(opt):
-    from omegaconf import OmegaConf
-
     if opt.H % 64 or opt.W % 64 or opt.H <= 0 or opt.W <= 0:
         raise ValueError(f"--H {opt.H} --W {opt.W}: use positive multiples of 64 (VAE /8, then three UNet halvings)")
     if opt.steps < 1 or opt.batch_size < 1:
@@ -80,8 +87,6 @@ def load_config(opt):
 
 
 def fast_options(config, opt):
-    from omegaconf import OmegaConf
-
     fast = OmegaConf.to_container(config.model.params.get("fast", OmegaConf.create()), resolve=True)
     if opt.precision is not None:
         fast["precision"] = opt.precision
@@ -91,21 +96,16 @@ def fast_options(config, opt):
 
 
 def build_model(config, opt, device):
-    import torch
-
-    from scripts.make_tiny_model import make_tiny_model  # random weights, no zero-initialised output layers
-
-    model = make_tiny_model(opt.config, seed=opt.seed)  # works for any config, the SD v1.5 one included
+    # Random weights, with PyTorch's initialisation where SD's starts at zero (a zero layer would hide whole branches).
+    model = make_tiny_model(opt.config, seed=opt.seed)  # despite its name: any config, the SD v1.5 one included
     model.learning_rate = config.model.base_learning_rate
     return model.to(device).train(), torch.optim.AdamW(model.trainable_parameters(), lr=model.learning_rate)
 
 
 def build_diffusers_unet(config, unet, device):
     """diffusers' UNet sharing the weights of ours (their layout, the same tensors: no second copy in memory)."""
-    import torch
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-    from omegaconf import OmegaConf
 
     ckpt = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     dconfig = create_unet_diffusers_config_from_ldm(OmegaConf.to_container(config, resolve=True), ckpt)
@@ -116,8 +116,6 @@ def build_diffusers_unet(config, unet, device):
 
 
 def make_inputs(opt, device):
-    import torch
-
     g = torch.Generator().manual_seed(opt.seed)
     b = opt.batch_size
     return {
@@ -131,13 +129,11 @@ def make_inputs(opt, device):
 # --- one step of each path --------------------------------------------------------------------------------
 class Bench:
     def __init__(self, config, opt, device, paths):
-        import torch
-
-        self.torch, self.opt, self.device = torch, opt, torch.device(device)
+        self.opt, self.device = opt, torch.device(device)
         self.fast = fast_options(config, opt)
         self.model, self.optimizer = build_model(config, opt, device)
         self.model.fast = self.model.check_fast_options(self.fast)
-        self.fast_precision = self.model._precision()  # "auto" resolved for this device
+        self.fast_precision = self.model.fast_precision()  # "auto" resolved for this device
         self.batch = make_inputs(opt, device)
         self.theirs = build_diffusers_unet(config, self.model.model.diffusion_model, device) if "diffusers" in paths else None
         if set(paths) == {"diffusers"}:  # memory process: only diffusers' UNet stays resident
@@ -152,9 +148,7 @@ class Bench:
             self._setup_sampling()
 
     def _setup_sampling(self):
-        from ldm.models.diffusion.ddim import ddim_schedule, ddim_timesteps
-
-        torch, model = self.torch, self.model
+        model = self.model
         with torch.no_grad():
             with model.cond_stage_model.adapter_disabled():
                 self.uc = model.get_learned_conditioning([""] * self.opt.batch_size)
@@ -167,7 +161,6 @@ class Bench:
     def _setup_diffusers_sampling(self):
         from diffusers import DDIMScheduler
 
-        torch = self.torch
         # The LDM schedule in diffusers' spelling (as tests/test_ddim.py checks).
         self.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -184,16 +177,13 @@ class Bench:
         self.active = path
 
     def attention(self, path):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         return sdpa_kernel(SDPBackend.MATH) if path == "reference" else nullcontext()
 
     def autocast(self):
         """diffusers runs in the fast path's precision."""
-        return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.fast_precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast_precision == "bf16")
 
     def train_step(self, path, seed):
-        torch = self.torch
         torch.manual_seed(seed)
         if path == "diffusers":
             b = self.opt.batch_size
@@ -202,7 +192,7 @@ class Bench:
             context = self.d_context[:b].clone().requires_grad_(True)
             with self.autocast():
                 eps = self.theirs(x_noisy, t, encoder_hidden_states=context).sample
-            torch.nn.functional.mse_loss(eps.float(), noise).backward()
+            F.mse_loss(eps.float(), noise).backward()
             return
         self.optimizer.zero_grad(set_to_none=True)
         with self.attention(path):
@@ -211,10 +201,6 @@ class Bench:
         self.optimizer.step()
 
     def sample_step(self, path):
-        from ldm.models.diffusion.ddim import ddim_step
-        from ldm.models.diffusion.guidance import guided_eps_fn
-
-        torch = self.torch
         with torch.no_grad():
             if path == "diffusers":
                 t = self.scheduler.timesteps[0]
@@ -229,7 +215,6 @@ class Bench:
             return ddim_step(self.x_T, eps, self.a_t, self.a_prev)[0]
 
     def timed(self, fn, *args):
-        torch = self.torch
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
@@ -241,8 +226,6 @@ class Bench:
 
 # --- memory -------------------------------------------------------------------------------------------------
 def reset_peak(device):
-    import torch
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
@@ -255,8 +238,6 @@ def reset_peak(device):
 
 
 def peak_mb(device):
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
@@ -294,8 +275,6 @@ def memory_in_fresh_process(opt, path):
 
 # --- the run ----------------------------------------------------------------------------------------------
 def device_name(device):
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -304,12 +283,11 @@ def device_name(device):
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{name}, {os.cpu_count()} cores, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def run(opt):
-    import torch
-
     config = load_config(opt)
     opt.device = opt.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if opt.threads is not None:

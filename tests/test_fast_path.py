@@ -9,7 +9,6 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.data.personalized import PersonalizedBase
-from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 
 from .conftest import TINY_FINETUNE
@@ -143,6 +142,8 @@ def test_text_cache_with_mixed_captions(tiny_finetune_model):
     assert (ours - ref).abs().max() < 1e-5 and (grad - ref_grad).abs().max() < 1e-5 * ref_grad.abs().max()
     assert torch.equal(ours[0], ours[2]) and (ours[0] - ours[1]).abs().max() > 1e-2
     assert sorted(m._text_cache) == [("a photo of a circle", 9), ("circle", 9)]
+    # One caption over the batch comes as one row expanded: the UNet's cross-attention may project it once.
+    assert m.get_training_conditioning(["circle"] * 2).stride(0) == 0
 
 
 def test_checkpointing_and_channels_last_change_no_number(tiny_finetune_model, data):
@@ -225,3 +226,13 @@ def test_benchmark_writes_its_figures(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--config", TINY_FINETUNE, "--H", "60", "--W", "64"])
     assert "use positive multiples of 64" in capsys.readouterr().err
+
+
+def test_benchmark_measures_peak_memory_in_a_fresh_process():
+    """The default --memory mode: the child process builds the model, runs two training steps and reports its peak."""
+    from scripts.benchmark import get_parser, memory_in_fresh_process
+
+    opt = get_parser().parse_args(["--config", TINY_FINETUNE, "--H", "64", "--W", "64", "--batch_size", "1",
+                                   "--device", "cpu", "--threads", "1"])
+    weights_mb = 17.6e6 * 4 / 2**20  # the tiny model's parameters in fp32
+    assert memory_in_fresh_process(opt, "reference") > weights_mb

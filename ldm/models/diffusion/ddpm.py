@@ -125,7 +125,7 @@ class LatentDiffusion(pl.LightningModule):
         if self._channels_last:
             x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)
         model = self._compiled_unet if self.fast["compile"] and self._compiled_unet is not None else self.model
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._precision() == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast_precision() == "bf16"):
             return model(x_noisy, t, c_crossattn=cond)  # the UNet answers in x_noisy's dtype (fp32)
 
     # --- training ------------------------------------------------------------------------------------
@@ -220,7 +220,8 @@ class LatentDiffusion(pl.LightningModule):
         value = self.fast[name]
         return self.device.type == "cuda" if value == "auto" else value
 
-    def _precision(self):
+    def fast_precision(self):
+        """The UNet's compute precision on the current device: "fp32" or "bf16"."""
         if self.fast["precision"] != "auto":
             return self.fast["precision"]
         return "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
