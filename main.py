@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (reference configs name `main.DataModuleFromConfig`)
 from ldm.callbacks import AdapterCheckpoint, ImageLogger, TrainingGuard  # noqa: F401  (and `main.ImageLogger`)
+from ldm.util import one_line_errors
 
 
 class TrainingStopped(Exception):
@@ -317,16 +318,12 @@ def run(opt, unknown, extra_callbacks=()):
 
 def main(argv=None):
     opt, unknown = get_parser().parse_known_args(argv)
-    try:
-        return run(opt, unknown)
-    except TrainingStopped as e:
-        print(f"error: {e}" if e.code == 3 else str(e), file=sys.stderr)
-        sys.exit(e.code)
-    except (ValueError, OSError) as e:
-        if opt.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with one_line_errors(opt.debug):
+        try:
+            return run(opt, unknown)
+        except TrainingStopped as e:
+            print(f"error: {e}" if e.code == 3 else str(e), file=sys.stderr)
+            sys.exit(e.code)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Config plumbing in the CompVis style: every model is built from a `target:` path and its `params:`."""
 import importlib
 import os
+import sys
+from contextlib import contextmanager
 
 from omegaconf import OmegaConf
 
@@ -49,3 +51,16 @@ def atomic_write(path, write):
             os.unlink(tmp)
         raise
     return path
+
+
+@contextmanager
+def one_line_errors(debug=False, code=2):
+    """The CLIs' convention: bad input (ValueError, OSError) ends as one `error: ...` line on stderr and exit code
+    `code`, with no traceback unless --debug asked for it."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(code)

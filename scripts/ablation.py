@@ -302,14 +302,11 @@ def run(opt):
 
 
 def main(argv=None):
+    from ldm.util import one_line_errors
+
     opt = get_parser().parse_args(argv)
-    try:
+    with one_line_errors(opt.debug):
         return run(opt)
-    except ValueError as e:
-        if opt.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -133,16 +133,13 @@ def _print_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv=None):
+    from ldm.util import one_line_errors
+
     opt = get_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
-        try:
+        with one_line_errors(opt.debug):
             return run(opt)
-        except (ValueError, OSError) as e:
-            if opt.debug:
-                raise
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
 
 
 if __name__ == "__main__":
