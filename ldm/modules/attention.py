@@ -2,10 +2,17 @@
 
 Module and parameter names follow the CompVis code so that SD v1 checkpoints load as they are.
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
+
+
+def _memory_format(x):
+    """channels_last for an NHWC-strided (b, c, h, w) tensor, else the default layout."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class CrossAttention(nn.Module):
@@ -29,9 +36,14 @@ class CrossAttention(nn.Module):
     def forward(self, x, context=None):
         context = x if context is None else context
         b = x.shape[0]
+        if b > 1 and context.stride(0) == 0:
+            # One context expand()ed over the batch (a training batch of one caption): its keys and values are the
+            # same for every image, so project it once (forward and backward).
+            k, v = (proj(context[:1]).expand(b, -1, -1) for proj in (self.to_k, self.to_v))
+        else:
+            k, v = self.to_k(context), self.to_v(context)
         # (b, n, heads * d) -> (b, heads, n, d); SDPA's default scale 1/sqrt(d) is the reference's.
-        q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (self.to_q(x), k, v))
         if self.probs_hook is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -104,5 +116,7 @@ class SpatialTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (b, h*w, c)
         for block in self.transformer_blocks:
             x = block(x, context=context)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        # Back to (b, c, h, w) in the input's memory layout: the bare view is NHWC-strided, and every convolution and
+        # norm after it would convert layouts (UNet forward+backward 1.6x slower on a CPU).
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=_memory_format(x_in))
         return self.proj_out(x) + x_in
