@@ -1,4 +1,5 @@
 """One place that builds the tiny models every test uses (generated, never downloaded)."""
+import json
 import os
 import sys
 
@@ -16,6 +17,13 @@ os.environ["OMP_NUM_THREADS"] = "1"  # and the same in the CLIs the tests start,
 
 TINY_INFERENCE = "configs/tiny/v1-inference.yaml"
 TINY_FINETUNE = "configs/tiny/v1-finetune.yaml"
+REFERENCE_KEYS = "tests/data/sd-v1-5-unet-vae-keys.json"  # the real SD v1.5 UNet and VAE keys and shapes
+
+
+def reference_keys(prefix):
+    """The real SD v1.5 checkpoint's keys (with their shapes) that start with `prefix`."""
+    with open(REFERENCE_KEYS) as f:
+        return {k: v for k, v in json.load(f).items() if k.startswith(prefix)}
 
 
 @pytest.fixture(scope="session")

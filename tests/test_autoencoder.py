@@ -1,5 +1,4 @@
 """The SD v1 KL autoencoder: exact SD v1.5 checkpoint layout, parity with diffusers, posterior, checkpoint loading."""
-import json
 
 import pytest
 import torch
@@ -9,21 +8,15 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
-from .conftest import randomize_
+from .conftest import randomize_, reference_keys
 
 SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 TINY_CONFIG = "configs/tiny/v1-inference.yaml"
-REFERENCE_KEYS = "tests/data/sd-v1-5-unet-vae-keys.json"  # the real SD v1.5 keys and shapes
 PREFIX = "first_stage_model."
 
 
 def vae_config(path):
     return OmegaConf.load(path).model.params.first_stage_config
-
-
-def load_reference_keys():
-    with open(REFERENCE_KEYS) as f:
-        return {k: v for k, v in json.load(f).items() if k.startswith(PREFIX)}
 
 
 def tiny_vae():
@@ -40,7 +33,7 @@ def test_sd_v15_vae_has_the_checkpoint_layout():
         z = vae.encode(torch.randn(1, 3, 512, 512)).mode()
         assert z.shape == (1, 4, 64, 64)
         assert vae.decode(z).shape == (1, 3, 512, 512)
-    reference = load_reference_keys()
+    reference = reference_keys(PREFIX)
     ours = {PREFIX + k: list(v.shape) for k, v in vae.state_dict().items()}
     assert len(ours) == 248
     assert ours == reference

@@ -1,5 +1,4 @@
 """The SD v1 UNet: exact SD v1.5 checkpoint layout, numerical parity with diffusers, gradient checkpointing."""
-import json
 
 import pytest
 import torch
@@ -8,21 +7,15 @@ from omegaconf import OmegaConf
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import instantiate_from_config
 
-from .conftest import randomize_
+from .conftest import randomize_, reference_keys
 
 SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 TINY_CONFIG = "configs/tiny/v1-inference.yaml"
-REFERENCE_KEYS = "tests/data/sd-v1-5-unet-vae-keys.json"  # the real SD v1.5 keys and shapes
 PREFIX = "model.diffusion_model."
 
 
 def unet_config(path):
     return OmegaConf.load(path).model.params.unet_config
-
-
-def load_reference_keys():
-    with open(REFERENCE_KEYS) as f:
-        return {k: v for k, v in json.load(f).items() if k.startswith(PREFIX)}
 
 
 def tiny_unet(**overrides):
@@ -40,7 +33,7 @@ def tiny_inputs(seed=1):
 def test_sd_v15_unet_has_the_checkpoint_layout():
     with torch.device("meta"):
         unet = instantiate_from_config(unet_config(SD_CONFIG))
-    reference = load_reference_keys()
+    reference = reference_keys(PREFIX)
     ours = {PREFIX + k: list(v.shape) for k, v in unet.state_dict().items()}
     assert sorted(ours) == sorted(reference)
     assert ours == reference
