@@ -111,8 +111,9 @@ def build_variants(opt):
 
 
 # --- one variant on one concept ------------------------------------------------------------------------------
-def train(opt, name, base, overrides, concept, logdir):
-    """Train through main.py; returns (model, info for the table, TI placeholder or None, the config's image size)."""
+def train(opt, name, base, overrides, concept, logdir, seed=None):
+    """Train through main.py (with its --seed `seed` when given); returns (model, info for the table, TI placeholder
+    or None, the config's image size)."""
     import main
     from omegaconf import OmegaConf
 
@@ -126,6 +127,8 @@ def train(opt, name, base, overrides, concept, logdir):
         args.append(f"model.params.personalization_config.params.initializer_words=[{word}]")
     if opt.steps is not None:
         args.append(f"lightning.trainer.max_steps={opt.steps}")
+    if seed is not None:
+        args += ["--seed", str(seed)]
     if OmegaConf.select(config, "lightning.callbacks.image_logger") is not None:
         args.append("lightning.callbacks.image_logger.params.batch_frequency=0")  # the ablation samples itself
     start = time.time()

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""The README's first command: make the tiny model and the example concept, train CatVersion on it, and save a grid
-comparing the base model with the learned concept. Runs on 2 CPU cores in a couple of minutes; nothing is downloaded.
+"""The README's first command: teach the toy world's model (models/toy/toy-sd.ckpt, shipped) a concept it has never
+seen, a circle striped yellow and purple, from 5 images captioned only `circle`; then show base model vs CatVersion
+on a few prompts, as a grid and as toy metrics. Runs on 2 CPU cores in about a minute; nothing is downloaded.
 """
 import argparse
 import os
@@ -9,50 +10,66 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PROMPTS = ["circle", "circle on a blue background", "circle on a red background", "square on a blue background"]
+PROMPTS = ["circle on a blue background", "circle on a red background", "square on a blue background"]
+TOY_CKPT = "models/toy/toy-sd.ckpt"
+
+
+def metrics_table(results):
+    lines = ["| prompt | fidelity base → CatVersion | background obeyed base → CatVersion | pixel change | unchanged |",
+             "|---|---|---|---|---|"]
+    for prompt, r in results.items():
+        b, p = r["base"], r["personal"]
+        lines.append(f"| {prompt} | {b['fidelity']:.2f} → {p['fidelity']:.2f} | {b['editability']:.0%} → "
+                     f"{p['editability']:.0%} | {p['pixel_change']:.3f} | {p['unchanged']:.0%} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default="models/tiny/tiny-sd.ckpt", help="tiny base model (made if missing)")
-    p.add_argument("--data_root", default="data/example", help="example concept photos (drawn if missing)")
+    p.add_argument("--ckpt", default=TOY_CKPT, help="toy base model (shipped; scripts/train_toy_base.py remakes it)")
+    p.add_argument("--data_root", default="data/example", help="the concept's photos (drawn if missing)")
     p.add_argument("--logdir", default="logs", help="where the training run folder goes")
     p.add_argument("--outdir", default="outputs/demo", help="where the comparison grid goes")
-    p.add_argument("--steps", type=int, default=300, help="training steps")
-    p.add_argument("--ddim_steps", type=int, default=20, help="sampling steps for the grid")
+    p.add_argument("--steps", type=int, default=400, help="training steps")
+    p.add_argument("--n", type=int, default=16, help="samples per prompt for the metrics (the grid shows 4)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     opt = p.parse_args(argv)
     start = time.time()
 
     import torch
 
-    # The tiny model's operations are too small to share among threads: one thread is as fast on an idle machine and
+    # The toy model's operations are too small to share among threads: one thread is as fast on an idle machine and
     # does not collapse (tens of times slower) when other processes compete for the cores.
     torch.set_num_threads(1)
 
     import main as train_main
     from ldm.callbacks import save_image_grid
     from ldm.data.toy_scenes import write_concept_folder
-    from scripts.make_tiny_model import main as make_tiny_model
+    from ldm.evaluation.toy_metrics import compare
+    from ldm.util import one_line_errors
 
-    if not os.path.isfile(opt.ckpt):
-        make_tiny_model(["--out", opt.ckpt])
+    with one_line_errors(debug=False):
+        if not os.path.isfile(opt.ckpt):
+            raise FileNotFoundError(f"toy model {opt.ckpt} not found: `git checkout {TOY_CKPT}` restores the shipped one, "
+                                    "`python scripts/train_toy_base.py` retrains it (about 25 minutes)")
     if not os.path.isdir(opt.data_root):
         write_concept_folder(opt.data_root)
-    print(f"Example concept: {opt.data_root} (a circle striped yellow and purple; base class word `circle`)")
+    print(f"Concept: {opt.data_root} (5 images of a circle striped yellow and purple; captions: `circle`)")
 
-    args = ["--base", "configs/tiny/v1-finetune.yaml", "-t", "--actual_resume", opt.ckpt, "--data_root", opt.data_root,
+    args = ["--base", "configs/toy/v1-finetune.yaml", "-t", "--actual_resume", opt.ckpt, "--data_root", opt.data_root,
             "--init_word", "circle", "-l", opt.logdir, "-n", "demo", f"lightning.trainer.max_steps={opt.steps}"]
     logdir, model = train_main.run(*train_main.get_parser().parse_known_args(args))
 
-    images = model.log_images(PROMPTS, ddim_steps=opt.ddim_steps, seed=0)
-    # top row: the base model; bottom row: the same prompts and noise with the learned concept
-    grid = torch.cat([images["samples_base"], images["samples"]])
+    results = compare(model.eval(), PROMPTS, n=opt.n, seed=opt.seed)
+    shown = min(4, opt.n)
+    rows = [torch.cat([r["images"][k][:shown] for r in results.values()]) for k in (0, 1)]
     path = os.path.join(opt.outdir, "base_vs_catversion.png")
-    save_image_grid(grid, path, nrow=len(PROMPTS))
+    save_image_grid(torch.cat(rows) * 2 - 1, path, nrow=shown * len(PROMPTS))
+    print(metrics_table(results))
     print(f"Adapter: {os.path.join(logdir, 'checkpoints', 'adapter')}")
-    print(f"Grid (top: base model, bottom: CatVersion; prompts {PROMPTS}): {path}")
+    print(f"Grid: {path} (top: base model, bottom: CatVersion; {shown} samples each of {PROMPTS})")
     print(f"Demo finished in {time.time() - start:.0f} s")
-    return logdir, path
+    return logdir, path, results
 
 
 if __name__ == "__main__":

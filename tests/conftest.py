@@ -17,6 +17,8 @@ os.environ["OMP_NUM_THREADS"] = "1"  # and the same in the CLIs the tests start,
 
 TINY_INFERENCE = "configs/tiny/v1-inference.yaml"
 TINY_FINETUNE = "configs/tiny/v1-finetune.yaml"
+TOY_INFERENCE = "configs/toy/v1-inference.yaml"
+TOY_CKPT = "models/toy/toy-sd.ckpt"  # shipped: the toy world's trained model (scripts/train_toy_base.py)
 REFERENCE_KEYS = "tests/data/sd-v1-5-unet-vae-keys.json"  # the real SD v1.5 UNet and VAE keys and shapes
 
 
@@ -56,6 +58,14 @@ def tiny_model(tiny_ckpt):
     from ldm.util import load_model_from_config
 
     return load_model_from_config(OmegaConf.load(TINY_INFERENCE), tiny_ckpt, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def toy_model():
+    """The shipped toy-world model (read-only: tests that train load their own)."""
+    from ldm.util import load_model_from_config
+
+    return load_model_from_config(OmegaConf.load(TOY_INFERENCE), TOY_CKPT, verbose=False).eval()
 
 
 @pytest.fixture

@@ -1,12 +1,16 @@
-"""Procedurally drawn scenes: simple objects in plain colours on plain backgrounds, with captions in words.
+"""The toy world: simple objects in plain colours on plain backgrounds, with captions in words.
 
-Used for the demo concept (a circle with a two-colour stripe pattern that no caption of the toy world names) and for
-tests; deterministic from a seed, nothing downloaded.
+`scripts/train_toy_base.py` pretrains the toy text-to-image model on `random_scene`s; the demo concept (a circle
+striped yellow and purple, base class word `circle`) is a combination that world never shows, although it shows
+circles, stripes, yellow and purple separately, the way SD has seen teddy bears and brown fur but not your teddy.
+Everything is deterministic from a seed; nothing is downloaded.
 """
 import math
+import re
 import os
 import random
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from ldm.util import atomic_write
@@ -16,6 +20,7 @@ COLOURS = {
     "purple": (140, 50, 170), "orange": (240, 140, 30), "white": (240, 240, 240), "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle", "star")
+CONCEPT_SHAPE, CONCEPT_STRIPES = "circle", ("yellow", "purple")
 
 
 def _polygon(shape, cx, cy, r):
@@ -40,12 +45,16 @@ def object_mask(shape, cx, cy, r, size):
 
 
 def draw_scene(shape, colour, background, cx, cy, r, size=64, stripes=None):
-    """One image: `shape` filled with `colour` (or horizontal stripes alternating the two colours of `stripes`)."""
+    """One image: `shape` filled with `colour`, or with horizontal stripes alternating the two colours of `stripes`.
+
+    Stripes are an eighth of the image high and start at the top edge, so each falls on one row of the 8x-downsampled
+    latent grid.
+    """
     img = Image.new("RGB", (size, size), COLOURS[background])
     if stripes:
         fill = Image.new("RGB", (size, size))
         d = ImageDraw.Draw(fill)
-        band = max(2, size // 16)
+        band = max(2, size // 8)
         for i, y in enumerate(range(0, size, band)):
             d.rectangle((0, y, size, y + band - 1), fill=COLOURS[stripes[i % 2]])
     else:
@@ -59,12 +68,59 @@ def random_layout(rng, size):
     return rng.uniform(r, size - r), rng.uniform(r, size - r), r
 
 
-def concept_images(n=5, size=64, seed=0, stripes=("yellow", "purple")):
+def caption(shape, colour=None, background=None, stripes=None, article=True):
+    """`a red circle on a green background`; any of colour, background and article may be left out."""
+    words = ["a"] if article else []
+    if stripes:
+        words += [stripes[0], "and", stripes[1], "striped"]
+    elif colour:
+        words.append(colour)
+    words.append(shape)
+    if background:
+        words += ["on", "a", background, "background"]
+    return re.sub(r"\ba (?=[aeiou])", "an ", " ".join(words))
+
+
+def random_scene(rng, size=64, stripe_p=0.25, drop_colour_p=0.3, drop_background_p=0.3, drop_article_p=0.5,
+                 empty_p=0.1):
+    """(image, caption) of the pretraining world. Captions leave attributes out at random, so that `circle`, `circle on
+    a blue background` and the empty prompt (classifier-free guidance) all mean something; the demo concept is never
+    drawn."""
+    names = list(COLOURS)
+    shape, background = rng.choice(SHAPES), rng.choice(names)
+    others = [c for c in names if c != background]
+    colour = stripes = None
+    if rng.random() < stripe_p:
+        while stripes is None or (shape == CONCEPT_SHAPE and set(stripes) == set(CONCEPT_STRIPES)):
+            stripes = tuple(rng.sample(others, 2))
+    else:
+        colour = rng.choice(others)
+    image = draw_scene(shape, colour, background, *random_layout(rng, size), size=size, stripes=stripes)
+    if rng.random() < empty_p:
+        return image, ""
+    keep_colour = rng.random() >= drop_colour_p
+    text = caption(shape, colour if keep_colour else None, background if rng.random() >= drop_background_p else None,
+                   stripes if keep_colour else None, article=rng.random() >= drop_article_p)
+    return image, text
+
+
+def scene_batch(seed, n, size=64):
+    """`n` scenes as a float tensor-ready array (n, 3, size, size) in [-1, 1] and their captions."""
+    rng = random.Random(seed)
+    images, captions = [], []
+    for _ in range(n):
+        image, text = random_scene(rng, size)
+        images.append(np.asarray(image))
+        captions.append(text)
+    return np.stack(images).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0, captions
+
+
+def concept_images(n=5, size=64, seed=0, stripes=CONCEPT_STRIPES):
     """The demo concept: a circle striped in two colours, at different places on different backgrounds."""
     rng = random.Random(seed)
     backgrounds = [c for c in COLOURS if c not in stripes]
-    return [draw_scene("circle", None, backgrounds[i % len(backgrounds)], *random_layout(rng, size), size=size, stripes=stripes)
-            for i in range(n)]
+    return [draw_scene(CONCEPT_SHAPE, None, backgrounds[i % len(backgrounds)], *random_layout(rng, size), size=size,
+                       stripes=stripes) for i in range(n)]
 
 
 def write_concept_folder(folder, n=5, size=64, seed=0):

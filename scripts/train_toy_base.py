@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Pretrain the toy world's text-to-image model: the tiny VAE, then the tiny UNet, on captioned scenes.
+
+The scenes (ldm/data/toy_scenes.py) are drawn on the fly from the seed; the CLIP text encoder stays random and frozen
+(as SD's stays frozen) and is rounded to fp16 first, so the shipped fp16 file is exactly the model that was trained.
+Writes `--out` in the SD checkpoint format, `<out>.png` (loss curves) and `<out>.json` (command, seed, losses, time).
+The shipped models/toy/toy-sd.ckpt was made by the defaults: `python scripts/train_toy_base.py` (about 25 minutes on
+two CPU cores).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from ldm.checkpoint import save_checkpoint  # noqa: E402
+from ldm.data.toy_scenes import scene_batch  # noqa: E402
+from ldm.models.diffusion.ddpm import q_sample  # noqa: E402
+from ldm.util import atomic_write, instantiate_from_config, load_model_from_config  # noqa: E402
+
+
+def warmup_cosine(step, total, warmup):
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def train_vae(vae, steps, batch_size, lr, seed, kl_weight=1e-6):
+    """L1 reconstruction plus LDM's small KL term (both summed per image, as in LDM's loss); fresh scenes every step."""
+    vae.train().requires_grad_(True)
+    opt = torch.optim.Adam(vae.parameters(), lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, 50))
+    losses = []
+    for step in (bar := tqdm(range(steps), desc="VAE", dynamic_ncols=True)):
+        x = torch.from_numpy(scene_batch(f"{seed}-vae-{step}", batch_size)[0])
+        reconstruction, posterior = vae(x)
+        rec = (reconstruction - x).abs().flatten(1).sum(1).mean()
+        loss = rec + kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append((reconstruction - x).abs().mean().item())
+        bar.set_postfix(l1=f"{losses[-1]:.4f}")
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def rescale_latents(vae, images, scale_factor):
+    """Fold a constant into the VAE's 1x1 convolutions so that `scale_factor * latent` has unit spread, as in SD.
+
+    The decoded images are unchanged: the posterior mean is multiplied by `a` (its log-variance shifted by 2 log a)
+    and the decoder's first convolution divides by `a` again.
+    """
+    a = 1.0 / (scale_factor * vae.encode(images).mean.std().item())
+    e = vae.embed_dim
+    vae.quant_conv.weight[:e] *= a
+    vae.quant_conv.bias[:e] *= a
+    vae.quant_conv.bias[e:] += 2.0 * math.log(a)
+    vae.post_quant_conv.weight /= a
+    return a
+
+
+@torch.no_grad()
+def encode_scenes(model, n, seed, batch_size=256):
+    """Posterior means and standard deviations of `n` scenes, their captions, and one text encoding per caption."""
+    means, stds, captions = [], [], []
+    for i in tqdm(range(0, n, batch_size), desc="encode", dynamic_ncols=True):
+        x, text = scene_batch(f"{seed}-unet-{i}", min(batch_size, n - i))
+        posterior = model.first_stage_model.encode(torch.from_numpy(x))
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+        captions += text
+    unique = sorted(set(captions))
+    index = {c: i for i, c in enumerate(unique)}
+    cond = torch.cat([model.get_learned_conditioning(unique[i:i + batch_size]) for i in range(0, len(unique), batch_size)])
+    return torch.cat(means), torch.cat(stds), torch.tensor([index[c] for c in captions]), cond
+
+
+def train_unet(model, n_scenes, steps, batch_size, lr, seed, ema_decay=0.999, offset_noise=0.3, noisy_share=0.5):
+    """The LDM objective (predict the noise), on latents sampled from cached posteriors, with two changes that make a
+    short training listen to its captions.
+
+    On 8x8 latents an image's mean colour shows through the noise even at the last timestep (averaging 64 pixels), so a
+    UNet can denoise well while ignoring the text, and then it draws colours from the starting noise instead of the
+    prompt. `offset_noise` adds a per-image, per-channel constant of that standard deviation to the noise (the
+    "offset noise" of SD fine-tunes), which hides the mean colour; `noisy_share` of every batch draws its timestep
+    from the noisiest 30%, where the caption decides the colours, instead of uniformly.
+    """
+    means, stds, caption_ids, cond = encode_scenes(model, n_scenes, seed)
+    unet = model.model
+    unet.train().requires_grad_(True)
+    ema = torch.optim.swa_utils.AveragedModel(unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
+    opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, 200))
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in (bar := tqdm(range(steps), desc="UNet", dynamic_ncols=True)):
+        i = torch.randint(0, len(means), (batch_size,), generator=generator)
+        z = model.scale_factor * (means[i] + stds[i] * torch.randn(means[i].shape, generator=generator))
+        t = torch.randint(0, model.num_timesteps, (batch_size,), generator=generator)
+        noisy = torch.rand(batch_size, generator=generator) < noisy_share
+        t[noisy] = torch.randint(int(0.7 * model.num_timesteps), model.num_timesteps, (int(noisy.sum()),), generator=generator)
+        noise = torch.randn(z.shape, generator=generator)
+        noise += offset_noise * torch.randn((batch_size, z.shape[1], 1, 1), generator=generator)
+        eps = unet(q_sample(z, t, noise, model.alphas_cumprod), t, cond[caption_ids[i]])
+        loss = torch.nn.functional.mse_loss(eps, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.update_parameters(unet)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    unet.load_state_dict(ema.module.state_dict())
+    unet.eval().requires_grad_(False)
+    return losses, len(cond)
+
+
+def plot_losses(curves, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5))
+    for ax, (title, values) in zip(axes, curves.items()):
+        k = max(1, len(values) // 100)
+        smooth = torch.tensor(values).unfold(0, k, k).mean(1) if len(values) >= k else torch.tensor(values)
+        ax.plot(range(0, k * len(smooth), k), smooth.tolist())
+        ax.set(title=title, xlabel="step", yscale="log")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="models/toy/toy-sd.ckpt", help="SD checkpoint to write (.ckpt or .safetensors)")
+    p.add_argument("--config", default="configs/toy/v1-inference.yaml", help="model config")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the scenes and the noise")
+    p.add_argument("--vae_steps", type=int, default=1200, help="VAE training steps")
+    p.add_argument("--vae_batch_size", type=int, default=16, help="VAE batch size")
+    p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate")
+    p.add_argument("--unet_steps", type=int, default=3500, help="UNet training steps")
+    p.add_argument("--unet_batch_size", type=int, default=64, help="UNet batch size")
+    p.add_argument("--unet_lr", type=float, default=1e-3, help="UNet peak learning rate")
+    p.add_argument("--scenes", type=int, default=40000, help="scenes the UNet sees (encoded once)")
+    p.add_argument("--vae_from", default=None,
+                   help="take the (trained) VAE from this toy checkpoint instead of training one: UNet experiments")
+    p.add_argument("--fp32", action="store_true", help="write fp32 weights (default fp16, as shipped)")
+    opt = p.parse_args(argv)
+    start = time.time()
+    torch.manual_seed(opt.seed)
+    config = OmegaConf.load(opt.config)
+    if opt.vae_from:
+        model = load_model_from_config(config, opt.vae_from, verbose=False)
+        model.model.load_state_dict(instantiate_from_config(config.model).model.state_dict())  # a fresh UNet
+    else:
+        model = instantiate_from_config(config.model)
+        with torch.no_grad():
+            for param in model.cond_stage_model.parameters():
+                param.copy_(param.half().float())
+    report = {"command": " ".join(["python", "scripts/train_toy_base.py", *(argv if argv is not None else sys.argv[1:])]),
+              "seed": opt.seed, "options": vars(opt), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    curves = {}
+    if not opt.vae_from:
+        curves["VAE reconstruction (mean |error|, [-1, 1] pixels)"] = vae_losses = train_vae(
+            model.first_stage_model, opt.vae_steps, opt.vae_batch_size, opt.vae_lr, opt.seed)
+        images = torch.from_numpy(scene_batch(f"{opt.seed}-rescale", 512)[0])
+        report["vae_rescale"] = rescale_latents(model.first_stage_model, images, model.scale_factor)
+        report["vae_l1_last100"] = sum(vae_losses[-100:]) / 100
+    unet_losses, report["distinct_captions"] = train_unet(model, opt.scenes, opt.unet_steps, opt.unet_batch_size,
+                                                          opt.unet_lr, opt.seed)
+    curves["UNet noise-prediction loss"] = unet_losses
+    report["unet_loss_last200"] = sum(unet_losses[-200:]) / 200
+    report["minutes"] = (time.time() - start) / 60
+
+    save_checkpoint(model, opt.out, dtype=None if opt.fp32 else torch.float16,
+                    extra={"betas": model.betas, "alphas_cumprod": model.alphas_cumprod})
+    stem = os.path.splitext(opt.out)[0]
+    plot_losses(curves, stem + ".png")
+    atomic_write(stem + ".json", lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1) + "\n"))
+    print(f"Wrote {opt.out} ({os.path.getsize(opt.out) / 2**20:.1f} MiB), {stem}.png and {stem}.json "
+          f"in {report['minutes']:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
