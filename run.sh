@@ -1,7 +1,7 @@
 #!/bin/sh
 # The reference's four examples (CatVersion run.sh): two concepts, two prompts each, DDIM 50 steps, guidance 10.
-# Without the SD v1.5 weights it says how to get them and runs a small example on the tiny random model instead.
-# Every setting below can be overridden from the environment, e.g. `TINY_STEPS=2 OUTDIR=/tmp/out sh run.sh`.
+# Without the SD v1.5 weights it says how to get them and runs a small example on the toy world's model instead.
+# Every setting below can be overridden from the environment, e.g. `TOY_STEPS=2 OUTDIR=/tmp/out sh run.sh`.
 # Relative paths are relative to this folder (the repository root).
 set -e
 cd "$(dirname "$0")"
@@ -12,11 +12,11 @@ TEDDYBEAR_ADAPTER="${TEDDYBEAR_ADAPTER:-logs/teddybear/checkpoints/adapter}"
 OUTDIR="${OUTDIR:-outputs/txt2img-samples}"
 UC_DIR="${UC_DIR:-models/uc}"
 PYTHON="${PYTHON:-python}"
-# The tiny fallback: its checkpoint (made if missing), its number of DDIM steps, and the demo's adapter
+# The toy fallback: its checkpoint (shipped), its number of DDIM steps, and the demo's adapter
 # (default: the newest logs/*example*/checkpoints/adapter, i.e. what the demo trained).
-TINY_CKPT="${TINY_CKPT:-models/tiny/tiny-sd.ckpt}"
-TINY_STEPS="${TINY_STEPS:-50}"
-TINY_ADAPTER="${TINY_ADAPTER:-}"
+TOY_CKPT="${TOY_CKPT:-models/toy/toy-sd.ckpt}"
+TOY_STEPS="${TOY_STEPS:-50}"
+TOY_ADAPTER="${TOY_ADAPTER:-}"
 
 txt2img() {
     "$PYTHON" scripts/txt2img.py --ddim_eta 0.0 --n_samples 1 --n_iter 1 --scale 10 --outdir "$OUTDIR" --uc_dir "$UC_DIR" "$@"
@@ -47,21 +47,18 @@ To run the reference examples, get the real weights (about 4 GB; accept the lice
   download v1-5-pruned-emaonly.ckpt from the runwayml/stable-diffusion-v1-5 model card on Hugging Face
   (https://huggingface.co/runwayml/stable-diffusion-v1-5) and save it as models/sd/v1-5.ckpt
   (or run with SD_CKPT=/path/to/v1-5.ckpt sh run.sh).
-Meanwhile, a small example on the tiny random model (64x64, $TINY_STEPS steps): its images are not meaningful.
+Meanwhile, a small example on the toy world's model (64x64, $TOY_STEPS steps; README, "The toy world").
 EOF
 
-if [ ! -f "$TINY_CKPT" ]; then
-    "$PYTHON" scripts/make_tiny_model.py --out "$TINY_CKPT"
+if [ -z "$TOY_ADAPTER" ]; then
+    TOY_ADAPTER=$(ls -dt logs/*example*/checkpoints/adapter 2>/dev/null | head -n 1)
 fi
-if [ -z "$TINY_ADAPTER" ]; then
-    TINY_ADAPTER=$(ls -dt logs/*example*/checkpoints/adapter 2>/dev/null | head -n 1)
-fi
-if [ -n "$TINY_ADAPTER" ]; then
-    echo "Using the demo's adapter $TINY_ADAPTER (concept word: circle)."
-    set -- --embedding_path "$TINY_ADAPTER"
+if [ -n "$TOY_ADAPTER" ]; then
+    echo "Using the demo's adapter $TOY_ADAPTER (concept word: circle)."
+    set -- --embedding_path "$TOY_ADAPTER"
 else
-    echo "No demo adapter found (logs/*example*/checkpoints/adapter): sampling the tiny model without an adapter."
+    echo "No demo adapter found (logs/*example*/checkpoints/adapter; python scripts/demo.py makes one): sampling the toy model without an adapter."
     set --
 fi
-txt2img --config configs/tiny/v1-inference.yaml --ckpt_path "$TINY_CKPT" --H 64 --W 64 --ddim_steps "$TINY_STEPS" \
+txt2img --config configs/toy/v1-inference.yaml --ckpt_path "$TOY_CKPT" --H 64 --W 64 --ddim_steps "$TOY_STEPS" \
     --prompt "circle on a green background" --seed 857 "$@"

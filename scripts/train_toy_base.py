@@ -2,7 +2,8 @@
 """Pretrain the toy world's text-to-image model: the tiny VAE, then the tiny UNet, on captioned scenes.
 
 The scenes (ldm/data/toy_scenes.py) are drawn on the fly from the seed; the CLIP text encoder stays random and frozen
-(as SD's stays frozen) and is rounded to fp16 first, so the shipped fp16 file is exactly the model that was trained.
+(as SD's stays frozen; see `scale_text_embeddings`) and is rounded to fp16 first, so the shipped fp16 file is exactly
+the model that was trained.
 Writes `--out` in the SD checkpoint format, `<out>.png` (loss curves) and `<out>.json` (command, seed, losses, time).
 The shipped models/toy/toy-sd.ckpt was made by the defaults: `python scripts/train_toy_base.py` (about 25 minutes on
 two CPU cores).
@@ -24,6 +25,23 @@ from ldm.checkpoint import save_checkpoint  # noqa: E402
 from ldm.data.toy_scenes import scene_batch  # noqa: E402
 from ldm.models.diffusion.ddpm import q_sample  # noqa: E402
 from ldm.util import atomic_write, instantiate_from_config, load_model_from_config  # noqa: E402
+
+
+@torch.no_grad()
+def scale_text_embeddings(text_encoder, scale):
+    """Give the random CLIP a residual stream of CLIP ViT-L's size, then round it to fp16 (as it is shipped).
+
+    A freshly initialised CLIP starts its residual stream at 0.02 per element, so its twelve random layers wash the
+    words out (the outputs for `red` and `blue` have cosine 0.98) and CatVersion's randn-initialised keys and values
+    would outweigh every token. Multiplying the token and position embeddings by `scale` keeps words apart (cosine
+    0.55) and puts the concatenated values on the scale of the residual stream, as in the real model, so the toy world
+    uses CatVersion's own defaults (randn init, base learning rate 5e-3).
+    """
+    for name, param in text_encoder.named_parameters():
+        if name.endswith(("token_embedding.weight", "position_embedding.weight")):
+            param.mul_(scale)
+    for param in text_encoder.parameters():
+        param.copy_(param.half().float())
 
 
 def warmup_cosine(step, total, warmup):
@@ -146,13 +164,14 @@ def main(argv=None):
     p.add_argument("--out", default="models/toy/toy-sd.ckpt", help="SD checkpoint to write (.ckpt or .safetensors)")
     p.add_argument("--config", default="configs/toy/v1-inference.yaml", help="model config")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the scenes and the noise")
-    p.add_argument("--vae_steps", type=int, default=1200, help="VAE training steps")
+    p.add_argument("--vae_steps", type=int, default=1000, help="VAE training steps")
     p.add_argument("--vae_batch_size", type=int, default=16, help="VAE batch size")
     p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate")
-    p.add_argument("--unet_steps", type=int, default=3500, help="UNet training steps")
+    p.add_argument("--unet_steps", type=int, default=4500, help="UNet training steps")
     p.add_argument("--unet_batch_size", type=int, default=64, help="UNet batch size")
     p.add_argument("--unet_lr", type=float, default=1e-3, help="UNet peak learning rate")
     p.add_argument("--scenes", type=int, default=40000, help="scenes the UNet sees (encoded once)")
+    p.add_argument("--text_embedding_scale", type=float, default=30.0, help="factor on the random CLIP's embeddings")
     p.add_argument("--vae_from", default=None,
                    help="take the (trained) VAE from this toy checkpoint instead of training one: UNet experiments")
     p.add_argument("--fp32", action="store_true", help="write fp32 weights (default fp16, as shipped)")
@@ -165,9 +184,7 @@ def main(argv=None):
         model.model.load_state_dict(instantiate_from_config(config.model).model.state_dict())  # a fresh UNet
     else:
         model = instantiate_from_config(config.model)
-        with torch.no_grad():
-            for param in model.cond_stage_model.parameters():
-                param.copy_(param.half().float())
+        scale_text_embeddings(model.cond_stage_model, opt.text_embedding_scale)
     report = {"command": " ".join(["python", "scripts/train_toy_base.py", *(argv if argv is not None else sys.argv[1:])]),
               "seed": opt.seed, "options": vars(opt), "torch": torch.__version__, "threads": torch.get_num_threads()}
 

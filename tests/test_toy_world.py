@@ -21,3 +21,18 @@ def test_the_shipped_checkpoint_is_small_and_in_sd_format():
 def test_base_model_draws_the_captions_colours(toy_model):
     images = sample_prompt(toy_model, "a red circle on a blue background", n=16, seed=0)
     assert scores(images, "a red circle on a blue background")["colours_match"] >= 0.8
+
+
+def test_demo_learns_the_concept_and_leaves_the_rest_of_the_world(tmp_path, example_data):
+    from scripts.demo import PROMPTS, main
+
+    logdir, grid, results = main(["--data_root", example_data, "--logdir", str(tmp_path / "logs"),
+                                  "--outdir", str(tmp_path / "out")])
+    assert os.path.isfile(grid) and os.path.isdir(os.path.join(logdir, "checkpoints", "adapter"))
+    for prompt in PROMPTS[:2]:  # the concept, on two backgrounds
+        base, learned = results[prompt]["base"], results[prompt]["personal"]
+        assert base["fidelity"] <= BASE_FIDELITY_MAX, prompt
+        assert learned["fidelity"] >= LEARNED_FIDELITY_MIN, prompt
+        assert learned["editability"] >= 0.8, prompt
+    square = results["square on a blue background"]["personal"]
+    assert square["pixel_change"] <= SQUARE_PIXEL_CHANGE_MAX and square["fidelity"] <= BASE_FIDELITY_MAX

@@ -23,6 +23,8 @@ def test_a_short_run_writes_a_loadable_fp16_sd_checkpoint_with_its_record(tmp_pa
     assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in state)  # SD's 4.x key spelling
     assert {v.dtype for k, v in state.items() if k not in ("betas", "alphas_cumprod")} == {torch.float16}
     assert os.path.getsize(out) < 10e6
+    token_embedding = state["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"].float()
+    assert abs(token_embedding.std().item() - 0.02 * 30) < 0.01  # transformers' init, scaled to CLIP-L's size
     model = load_model_from_config(OmegaConf.load(TOY_INFERENCE), str(out), verbose=False)
     assert model.get_learned_conditioning(["a red circle"]).shape == (1, 77, 32)
     record = json.loads((tmp_path / "toy.json").read_text())

@@ -246,15 +246,24 @@ def _run_sh(tmp_path, **env):
     return subprocess.run(["sh", "run.sh"], capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_run_sh_without_sd_weights_explains_and_samples_the_tiny_model(adapter_model, tiny_ckpt, tmp_path):
-    proc = _run_sh(tmp_path, TINY_CKPT=tiny_ckpt, TINY_STEPS="2", TINY_ADAPTER=adapter_model[1])
+def test_run_sh_without_sd_weights_explains_and_samples_the_toy_model(tmp_path):
+    from conftest import TOY_CKPT
+
+    toy = load_model_from_config(OmegaConf.load("configs/toy/v1-finetune.yaml"), TOY_CKPT, verbose=False)
+    with torch.no_grad():
+        toy.cond_stage_model.adapter_parameters()[0].normal_(generator=torch.Generator().manual_seed(3))
+    adapter = str(tmp_path / "adapter")
+    toy.cond_stage_model.adapter_save(adapter)
+    proc = _run_sh(tmp_path, TOY_STEPS="2", TOY_ADAPTER=adapter)
     assert proc.returncode == 0, proc.stderr
     assert "v1-5-pruned-emaonly.ckpt" in proc.stdout and "runwayml/stable-diffusion-v1-5" in proc.stdout
-    assert "models/sd/v1-5.ckpt" in proc.stdout and f"Using the demo's adapter {adapter_model[1]}" in proc.stdout
+    assert "models/sd/v1-5.ckpt" in proc.stdout and f"Using the demo's adapter {adapter}" in proc.stdout
     image = tmp_path / "out" / NAME / f"{NAME}_857.png"
     assert pixels(image).shape == (64, 64, 3) and (tmp_path / "out" / NAME / "grid.png").is_file()
     # the same as asking txt2img directly
-    direct = run(tiny_ckpt, tmp_path / "direct", "--prompt", PROMPT, "--seed", "857", "--embedding_path", adapter_model[1])
+    direct = txt2img_main(["--config", "configs/toy/v1-inference.yaml", "--ckpt_path", TOY_CKPT, "--H", "64", "--W", "64",
+                           "--ddim_steps", "2", "--outdir", str(tmp_path / "direct"), "--uc_dir", str(tmp_path / "uc2"),
+                           "--device", "cpu", "--prompt", PROMPT, "--seed", "857", "--embedding_path", adapter])
     assert np.array_equal(only_image(direct), pixels(image))
 
 
