@@ -33,6 +33,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=400, help="training steps")
     p.add_argument("--n", type=int, default=16, help="samples per prompt for the metrics (the grid shows 4)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("overrides", nargs="*", default=[], help="config overrides for main.py, e.g. model.base_learning_rate=1e-3")
     opt = p.parse_args(argv)
     start = time.time()
 
@@ -57,7 +58,8 @@ def main(argv=None):
     print(f"Concept: {opt.data_root} (5 images of a circle striped yellow and purple; captions: `circle`)")
 
     args = ["--base", "configs/toy/v1-finetune.yaml", "-t", "--actual_resume", opt.ckpt, "--data_root", opt.data_root,
-            "--init_word", "circle", "-l", opt.logdir, "-n", "demo", f"lightning.trainer.max_steps={opt.steps}"]
+            "--init_word", "circle", "-l", opt.logdir, "-n", "demo", f"lightning.trainer.max_steps={opt.steps}",
+            *opt.overrides]
     logdir, model = train_main.run(*train_main.get_parser().parse_known_args(args))
 
     results = compare(model.eval(), PROMPTS, n=opt.n, seed=opt.seed)
