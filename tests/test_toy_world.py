@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from conftest import TOY_CKPT
+from .conftest import TOY_CKPT
 from ldm.evaluation.toy_metrics import sample_prompt, scores
 
 

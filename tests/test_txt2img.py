@@ -247,7 +247,7 @@ def _run_sh(tmp_path, **env):
 
 
 def test_run_sh_without_sd_weights_explains_and_samples_the_toy_model(tmp_path):
-    from conftest import TOY_CKPT
+    from .conftest import TOY_CKPT
 
     toy = load_model_from_config(OmegaConf.load("configs/toy/v1-finetune.yaml"), TOY_CKPT, verbose=False)
     with torch.no_grad():
