@@ -12,8 +12,10 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,7 +25,7 @@ from tqdm import tqdm  # noqa: E402
 
 from ldm.checkpoint import save_checkpoint  # noqa: E402
 from ldm.data.toy_scenes import scene_batch  # noqa: E402
-from ldm.models.diffusion.ddpm import q_sample  # noqa: E402
+from ldm.models.diffusion.ddpm import DiffusionWrapper, q_sample  # noqa: E402
 from ldm.util import atomic_write, instantiate_from_config, load_model_from_config  # noqa: E402
 
 
@@ -57,13 +59,13 @@ def train_vae(vae, steps, batch_size, lr, seed, kl_weight=1e-6):
     for step in (bar := tqdm(range(steps), desc="VAE", dynamic_ncols=True)):
         x = torch.from_numpy(scene_batch(f"{seed}-vae-{step}", batch_size)[0])
         reconstruction, posterior = vae(x)
-        rec = (reconstruction - x).abs().flatten(1).sum(1).mean()
-        loss = rec + kl_weight * posterior.kl().mean()
+        error = (reconstruction - x).abs()
+        loss = error.flatten(1).sum(1).mean() + kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        losses.append((reconstruction - x).abs().mean().item())
+        losses.append(error.mean().item())
         bar.set_postfix(l1=f"{losses[-1]:.4f}")
     vae.eval().requires_grad_(False)
     return losses
@@ -148,8 +150,8 @@ def plot_losses(curves, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5))
-    for ax, (title, values) in zip(axes, curves.items()):
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (title, values) in zip(axes[0], curves.items()):
         k = max(1, len(values) // 100)
         smooth = torch.tensor(values).unfold(0, k, k).mean(1) if len(values) >= k else torch.tensor(values)
         ax.plot(range(0, k * len(smooth), k), smooth.tolist())
@@ -181,7 +183,7 @@ def main(argv=None):
     config = OmegaConf.load(opt.config)
     if opt.vae_from:
         model = load_model_from_config(config, opt.vae_from, verbose=False)
-        model.model.load_state_dict(instantiate_from_config(config.model).model.state_dict())  # a fresh UNet
+        model.model = DiffusionWrapper(config.model.params.unet_config)  # a fresh UNet
     else:
         model = instantiate_from_config(config.model)
         scale_text_embeddings(model.cond_stage_model, opt.text_embedding_scale)
@@ -194,18 +196,18 @@ def main(argv=None):
             model.first_stage_model, opt.vae_steps, opt.vae_batch_size, opt.vae_lr, opt.seed)
         images = torch.from_numpy(scene_batch(f"{opt.seed}-rescale", 512)[0])
         report["vae_rescale"] = rescale_latents(model.first_stage_model, images, model.scale_factor)
-        report["vae_l1_last100"] = sum(vae_losses[-100:]) / 100
+        report["vae_l1_last100"] = statistics.mean(vae_losses[-100:])
     unet_losses, report["distinct_captions"] = train_unet(model, opt.scenes, opt.unet_steps, opt.unet_batch_size,
                                                           opt.unet_lr, opt.seed)
     curves["UNet noise-prediction loss"] = unet_losses
-    report["unet_loss_last200"] = sum(unet_losses[-200:]) / 200
+    report["unet_loss_last200"] = statistics.mean(unet_losses[-200:])
     report["minutes"] = (time.time() - start) / 60
 
     save_checkpoint(model, opt.out, dtype=None if opt.fp32 else torch.float16,
                     extra={"betas": model.betas, "alphas_cumprod": model.alphas_cumprod})
     stem = os.path.splitext(opt.out)[0]
     plot_losses(curves, stem + ".png")
-    atomic_write(stem + ".json", lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1) + "\n"))
+    atomic_write(stem + ".json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
     print(f"Wrote {opt.out} ({os.path.getsize(opt.out) / 2**20:.1f} MiB), {stem}.png and {stem}.json "
           f"in {report['minutes']:.1f} min")
 

@@ -47,3 +47,18 @@ def test_rescaling_gives_sd_spread_and_leaves_reconstructions_unchanged():
     assert abs(a - 1.0) > 0.1  # a random VAE is off SD's spread: the test would see a no-op
     assert abs((0.18215 * posterior.mean).std().item() - 1.0) < 1e-4
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+def test_vae_from_keeps_vae_and_text_encoder_and_trains_a_fresh_unet(tmp_path):
+    from .conftest import TOY_CKPT
+
+    out = tmp_path / "unet-only.ckpt"
+    main(["--out", str(out), "--vae_from", TOY_CKPT, "--unet_steps", "2", "--unet_batch_size", "4", "--scenes", "8"])
+    before = torch.load(TOY_CKPT, weights_only=True)["state_dict"]
+    after = torch.load(out, weights_only=True)["state_dict"]
+    for k in before:
+        if k.startswith(("first_stage_model.", "cond_stage_model.")):
+            assert torch.equal(before[k], after[k]), k
+    unet = [k for k in before if k.startswith("model.diffusion_model.")]
+    assert sorted(unet) == sorted(k for k in after if k.startswith("model.diffusion_model."))
+    assert not all(torch.equal(before[k], after[k]) for k in unet)
