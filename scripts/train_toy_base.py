@@ -2,7 +2,7 @@
 """Pretrain the toy world's text-to-image model: the tiny VAE, then the tiny UNet, on captioned scenes.
 
 The scenes (ldm/data/toy_scenes.py) are drawn on the fly from the seed; the CLIP text encoder stays random and frozen
-(as SD's stays frozen; see `scale_text_embeddings`) and is rounded to fp16 first, so the shipped fp16 file is exactly
+(as SD's stays frozen; see `shape_text_encoder`) and is rounded to fp16 first, so the shipped fp16 file is exactly
 the model that was trained.
 Writes `--out` in the SD checkpoint format, `<out>.png` (loss curves) and `<out>.json` (command, seed, losses, time).
 The shipped models/toy/toy-sd.ckpt was made by the defaults: `python scripts/train_toy_base.py` (about 25 minutes on
@@ -30,18 +30,25 @@ from ldm.util import atomic_write, instantiate_from_config, load_model_from_conf
 
 
 @torch.no_grad()
-def scale_text_embeddings(text_encoder, scale):
-    """Give the random CLIP a residual stream of CLIP ViT-L's size, then round it to fp16 (as it is shipped).
+def shape_text_encoder(text_encoder, token_scale=30.0, position_scale=5.0, qk_scale=10.0):
+    """Give the random CLIP the traits of a trained one that CatVersion relies on, then round it to fp16 (as shipped).
 
-    A freshly initialised CLIP starts its residual stream at 0.02 per element, so its twelve random layers wash the
-    words out (the outputs for `red` and `blue` have cosine 0.98) and CatVersion's randn-initialised keys and values
-    would outweigh every token. Multiplying the token and position embeddings by `scale` keeps words apart (cosine
-    0.55) and puts the concatenated values on the scale of the residual stream, as in the real model, so the toy world
-    uses CatVersion's own defaults (randn init, base learning rate 5e-3).
+    A freshly initialised CLIP starts its residual stream at 0.02 per element and its attention logits near 0, so
+    every token attends almost uniformly to every earlier one: the twelve random layers wash the words out (outputs
+    for `red` and `blue` have cosine 0.98), and a concatenated key is read by every token of every prompt alike, so
+    the toy world could not tell a concept bound to `circle` from a change of the whole prompt. Three factors:
+    `token_scale` puts the word embeddings at CLIP ViT-L's residual-stream size (words stay apart, and CatVersion's
+    randn values land on the scale of that stream); a smaller `position_scale` keeps a token's identity ahead of its
+    position, so `circle` and `square` in the same place do not share their queries; `qk_scale` sharpens the
+    attention logits to a trained model's spread, so a key aligned with one word's query is read by that word much
+    more than by the others.
     """
+    scales = {"token_embedding.weight": token_scale, "position_embedding.weight": position_scale,
+              "q_proj.weight": qk_scale, "k_proj.weight": qk_scale}
     for name, param in text_encoder.named_parameters():
-        if name.endswith(("token_embedding.weight", "position_embedding.weight")):
-            param.mul_(scale)
+        for suffix, scale in scales.items():
+            if name.endswith(suffix):
+                param.mul_(scale)
     for param in text_encoder.parameters():
         param.copy_(param.half().float())
 
@@ -173,7 +180,9 @@ def main(argv=None):
     p.add_argument("--unet_batch_size", type=int, default=64, help="UNet batch size")
     p.add_argument("--unet_lr", type=float, default=1e-3, help="UNet peak learning rate")
     p.add_argument("--scenes", type=int, default=40000, help="scenes the UNet sees (encoded once)")
-    p.add_argument("--text_embedding_scale", type=float, default=30.0, help="factor on the random CLIP's embeddings")
+    p.add_argument("--text_token_scale", type=float, default=30.0, help="factor on the random CLIP's token embeddings")
+    p.add_argument("--text_position_scale", type=float, default=5.0, help="factor on its position embeddings")
+    p.add_argument("--text_qk_scale", type=float, default=10.0, help="factor on its query and key projections")
     p.add_argument("--vae_from", default=None,
                    help="take the (trained) VAE from this toy checkpoint instead of training one: UNet experiments")
     p.add_argument("--fp32", action="store_true", help="write fp32 weights (default fp16, as shipped)")
@@ -186,7 +195,7 @@ def main(argv=None):
         model.model = DiffusionWrapper(config.model.params.unet_config)  # a fresh UNet
     else:
         model = instantiate_from_config(config.model)
-        scale_text_embeddings(model.cond_stage_model, opt.text_embedding_scale)
+        shape_text_encoder(model.cond_stage_model, opt.text_token_scale, opt.text_position_scale, opt.text_qk_scale)
     report = {"command": " ".join(["python", "scripts/train_toy_base.py", *(argv if argv is not None else sys.argv[1:])]),
               "seed": opt.seed, "options": vars(opt), "torch": torch.__version__, "threads": torch.get_num_threads()}
 

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.data.toy_scenes import scene_batch
-from scripts.train_toy_base import main, rescale_latents
+from scripts.train_toy_base import main, rescale_latents, shape_text_encoder
 
 TOY_INFERENCE = "configs/toy/v1-inference.yaml"
 
@@ -25,6 +25,8 @@ def test_a_short_run_writes_a_loadable_fp16_sd_checkpoint_with_its_record(tmp_pa
     assert os.path.getsize(out) < 10e6
     token_embedding = state["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"].float()
     assert abs(token_embedding.std().item() - 0.02 * 30) < 0.01  # transformers' init, scaled to CLIP-L's size
+    positions = state["cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"].float()
+    assert abs(positions.std().item() - 0.02 * 5) < 0.005
     model = load_model_from_config(OmegaConf.load(TOY_INFERENCE), str(out), verbose=False)
     assert model.get_learned_conditioning(["a red circle"]).shape == (1, 77, 32)
     record = json.loads((tmp_path / "toy.json").read_text())
@@ -62,3 +64,31 @@ def test_vae_from_keeps_vae_and_text_encoder_and_trains_a_fresh_unet(tmp_path):
     unet = [k for k in before if k.startswith("model.diffusion_model.")]
     assert sorted(unet) == sorted(k for k in after if k.startswith("model.diffusion_model."))
     assert not all(torch.equal(before[k], after[k]) for k in unet)
+
+
+def test_shaped_text_encoder_keeps_words_apart_and_attends_selectively():
+    """What shape_text_encoder is for: distinct words at the output, and attention that singles out tokens."""
+    from ldm.util import instantiate_from_config
+
+    def build(shaped):
+        torch.manual_seed(0)
+        encoder = instantiate_from_config(OmegaConf.load(TOY_INFERENCE).model.params.cond_stage_config)
+        if shaped:
+            shape_text_encoder(encoder)
+        return encoder
+
+    def colour_cosine_and_peak_attention(encoder):
+        tokens = encoder.tokenize(["a red circle on a blue background", "a blue circle on a red background"])
+        with torch.no_grad():
+            out = encoder.encode_tokens(tokens)
+            layer = encoder.transformer.encoder.layers[9]
+            x = layer.layer_norm1(encoder.frozen_hidden_states(tokens[:1, :8], 9))
+            q, k = (proj(x)[0].view(8, encoder.heads, -1).transpose(0, 1) for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj))
+            logits = (q @ k.transpose(1, 2)) * layer.self_attn.scale + torch.full((8, 8), float("-inf")).triu(1)
+        peak = logits.softmax(-1)[:, 1:].max(-1).values.mean().item()  # the words' strongest attention, per head
+        return torch.nn.functional.cosine_similarity(out[0, 2], out[1, 2], 0).item(), peak
+
+    plain_cosine, plain_peak = colour_cosine_and_peak_attention(build(False))
+    shaped_cosine, shaped_peak = colour_cosine_and_peak_attention(build(True))
+    assert plain_cosine > 0.9 and shaped_cosine < 0.5
+    assert shaped_peak > plain_peak + 0.2
