@@ -64,3 +64,14 @@ def one_line_errors(debug=False, code=2):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(code)
+
+
+def add_sampling_args(parser):
+    """The sampling flags txt2img and attention_maps share, with SD's defaults (the authors' run.sh)."""
+    parser.add_argument("--ddim_steps", type=int, default=50, help="number of DDIM (or PLMS) sampling steps")
+    parser.add_argument("--H", type=int, default=512, help="image height in pixels (a multiple of 8)")
+    parser.add_argument("--W", type=int, default=512, help="image width in pixels (a multiple of 8)")
+    parser.add_argument("--scale", type=float, default=10.0,
+                        help="classifier-free guidance: eps = eps(x, empty) + scale * (eps(x, prompt) - eps(x, empty))")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="seed of the noise x_T of the first iteration; iteration i uses seed + i")

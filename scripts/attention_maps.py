@@ -29,6 +29,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ldm.util import add_sampling_args  # noqa: E402
+
 RANDOM_WEIGHTS = "none"
 
 
@@ -41,12 +43,8 @@ def get_parser():
     p.add_argument("--embedding_path", nargs="*", default=[],
                    help="CatVersion adapter(s) (folder/.safetensors/.bin) and/or a Textual Inversion embeddings .pt")
     p.add_argument("--outdir", default="outputs/attention-maps", help="folder to write results to")
-    p.add_argument("--ddim_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--n_iter", type=int, default=1, help="images per prompt; image i uses seed + i")
-    p.add_argument("--seed", type=int, default=42, help="seed of the first image's noise")
-    p.add_argument("--scale", type=float, default=10.0, help="classifier-free guidance scale")
-    p.add_argument("--H", type=int, default=512, help="image height in pixels")
-    p.add_argument("--W", type=int, default=512, help="image width in pixels")
+    add_sampling_args(p)
     p.add_argument("--attn_downsample", type=int, default=4,
                    help="record the cross-attention layers this many times smaller than the latent (4: SD's 16x16)")
     p.add_argument("--mask_token", default=None, help="word whose map becomes the automatic mask, e.g. the class word")

@@ -82,11 +82,10 @@ def run(opt):
 
 def main(argv=None):
     opt = get_parser().parse_args(argv)
-    try:
+    from ldm.util import one_line_errors
+
+    with one_line_errors():
         return run(opt)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

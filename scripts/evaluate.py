@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.evaluation import clip_metrics  # noqa: E402
-from ldm.util import atomic_write  # noqa: E402
+from ldm.util import atomic_write, one_line_errors  # noqa: E402
 
 MASK_RULE = (
     "Masked CLIP-I: on both sides, pixels outside the mask become the CLIP mean grey RGB "
@@ -162,15 +162,9 @@ def bar_chart(report):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with one_line_errors(args.debug):  # OSError too: e.g. the disk filling up while the results are written
         run(args)
-    except (ValueError, OSError) as err:  # OSError: e.g. the disk filling up while the results are written
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -28,6 +28,8 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ldm.util import add_sampling_args  # noqa: E402
+
 RANDOM_WEIGHTS = "none"
 
 
@@ -48,16 +50,11 @@ def get_parser():
     src.add_argument("--from-file", dest="from_file", default=None,
                      help="a text file with one prompt per line (blank lines skipped); each prompt gets its own folder")
     p.add_argument("--outdir", default="outputs/txt2img-samples", help="folder to write results to")
-    p.add_argument("--ddim_steps", type=int, default=50, help="number of DDIM (or PLMS) sampling steps")
     p.add_argument("--plms", action="store_true", help="use PLMS sampling (deterministic; no --ddim_eta)")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0 = deterministic sampling)")
     p.add_argument("--n_iter", type=int, default=1, help="iterations per prompt; iteration i uses seed + i")
     p.add_argument("--n_samples", type=int, default=1, help="batch size: images per iteration")
-    p.add_argument("--H", type=int, default=512, help="image height in pixels (a multiple of 8)")
-    p.add_argument("--W", type=int, default=512, help="image width in pixels (a multiple of 8)")
-    p.add_argument("--scale", type=float, default=10.0,
-                   help="classifier-free guidance: eps = eps(x, empty) + scale * (eps(x, prompt) - eps(x, empty))")
-    p.add_argument("--seed", type=int, default=42, help="seed of the first iteration's noise x_T")
+    add_sampling_args(p)
     p.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml", help="model config")
     p.add_argument("--ckpt_path", default="models/sd/v1-5.ckpt",
                    help=f"SD v1.x checkpoint (.ckpt or .safetensors) or diffusers folder; '{RANDOM_WEIGHTS}' builds the model with random "

@@ -70,7 +70,7 @@ def assert_one_line_error(err, message):
 
 
 def cli_error(entry, argv, capsys):
-    """Run an in-process CLI that must fail; its stderr. `entry` exits 2 (main, txt2img) or returns 2 (evaluate)."""
+    """Run an in-process CLI that must fail; its stderr. `entry` exits 2."""
     capsys.readouterr()
     try:
         code = entry(argv)

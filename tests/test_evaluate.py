@@ -104,7 +104,7 @@ def test_metrics_match_direct_computation(tmp_path, tiny_weights, capsys):
     _write_images(tmp_path / "gen", {".hidden.png": _random_image(rng)})
     (tmp_path / "gen" / "notes.txt").write_text("not an image")
 
-    assert evaluate.main(_argv(tmp_path, tiny_weights, batch_size=2)) == 0
+    evaluate.main(_argv(tmp_path, tiny_weights, batch_size=2))
 
     ref_paths = sorted((tmp_path / "ref").glob("r*"))
     gen_paths = sorted((tmp_path / "gen").glob("g*.png"))
@@ -152,7 +152,7 @@ def test_all_ones_masks_give_plain_clip_i(tmp_path, tiny_weights):
         {"a.png": ones, "b.png": ones},
         {"x.png": ones, "y.png": ones},
     )
-    assert evaluate.main(_argv(tmp_path, tiny_weights, **masks)) == 0
+    evaluate.main(_argv(tmp_path, tiny_weights, **masks))
     report = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert report["masked_clip_i"] == pytest.approx(report["clip_i"], abs=1e-6)
     for row in report["per_image"]:
@@ -175,7 +175,7 @@ def test_masked_clip_i_ignores_background(tmp_path, tiny_weights):
         {"ref.png": mask},
         {"gen.png": mask},
     )
-    assert evaluate.main(_argv(tmp_path, tiny_weights, **masks)) == 0
+    evaluate.main(_argv(tmp_path, tiny_weights, **masks))
     report = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert report["masked_clip_i"] == pytest.approx(1.0, abs=1e-5)
     # Random weights make all images look alike, but the differing background must still lower plain CLIP-I.
@@ -267,7 +267,9 @@ def test_input_errors(tmp_path, tiny_weights, capsys, setup, message):
         extra = {"ref_masks": tmp_path}
     elif setup == "empty_prompt":
         extra = {"prompt": " "}  # a later --prompt overrides the first
-    assert evaluate.main(_argv(tmp_path, tiny_weights, **extra)) == 2
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(_argv(tmp_path, tiny_weights, **extra))
+    assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "out").exists()
@@ -304,7 +306,7 @@ def test_vit_b32_loads_saved_state_dict(tmp_path, tiny_weights, capsys):
     rng = np.random.default_rng(9)
     _write_images(tmp_path / "ref", {"r.png": _random_image(rng, (256, 256))})
     _write_images(tmp_path / "gen", {"g.png": _random_image(rng, (256, 256))})
-    assert evaluate.main(_argv(tmp_path, weights, model="ViT-B-32")) == 0
+    evaluate.main(_argv(tmp_path, weights, model="ViT-B-32"))
     report = json.loads((tmp_path / "out" / "scores.json").read_text())
 
     paths = [tmp_path / "ref" / "r.png", tmp_path / "gen" / "g.png"]
@@ -317,7 +319,9 @@ def test_vit_b32_loads_saved_state_dict(tmp_path, tiny_weights, capsys):
 
     # Weights of another architecture: a one-line error instead of a state-dict traceback.
     capsys.readouterr()
-    assert evaluate.main(_argv(tmp_path, weights, model=TINY)) == 2
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(_argv(tmp_path, weights, model=TINY))
+    assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: CLIP weights {weights} do not fit {TINY}: ") and "\n" not in err
     assert "keys of another shape (e.g. " in err
