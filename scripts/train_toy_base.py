@@ -30,25 +30,44 @@ from ldm.util import atomic_write, instantiate_from_config, load_model_from_conf
 
 
 @torch.no_grad()
-def shape_text_encoder(text_encoder, token_scale=30.0, position_scale=5.0, qk_scale=10.0):
-    """Give the random CLIP the traits of a trained one that CatVersion relies on, then round it to fp16 (as shipped).
+def shape_text_encoder(text_encoder, token_scale=30.0, position_scale=30.0, qk_scale=1.0, value_scale=1.0,
+                       confidence=0.0, start_scale=1.0, seed=0):
+    """Give the random CLIP traits of a trained one, then round it to fp16 (as it is shipped).
 
-    A freshly initialised CLIP starts its residual stream at 0.02 per element and its attention logits near 0, so
-    every token attends almost uniformly to every earlier one: the twelve random layers wash the words out (outputs
-    for `red` and `blue` have cosine 0.98), and a concatenated key is read by every token of every prompt alike, so
-    the toy world could not tell a concept bound to `circle` from a change of the whole prompt. Three factors:
-    `token_scale` puts the word embeddings at CLIP ViT-L's residual-stream size (words stay apart, and CatVersion's
-    randn values land on the scale of that stream); a smaller `position_scale` keeps a token's identity ahead of its
-    position, so `circle` and `square` in the same place do not share their queries; `qk_scale` sharpens the
-    attention logits to a trained model's spread, so a key aligned with one word's query is read by that word much
-    more than by the others.
+    A freshly initialised CLIP starts its residual stream at 0.02 per element, so its twelve random layers wash the
+    words out (the outputs for `red` and `blue` have cosine 0.98). `token_scale`/`position_scale` put the embeddings
+    at CLIP ViT-L's residual-stream size (cosine 0.55); the defaults do only this, and made the shipped model.
+
+    The other knobs are experiments on what CatVersion meets in a real CLIP (README, "The toy world"). At the
+    defaults, its randn extra key takes about half of every early token's attention (the logits are near 0) and its
+    randn value is five times the model's own values, so an untrained adapter already repaints every prompt.
+    `qk_scale` spreads the logits (q and k each times it); `value_scale` multiplies `v_proj` and divides `out_proj`
+    (the model's output is unchanged, its values reach order one); `confidence`: per head, queries and keys share a
+    component along one random direction (their own components along it removed), which adds the same `confidence`
+    to every logit of the model's own keys (so its attention pattern does not depend on it) but not to a key from
+    outside the model;
+    `start_scale` gives the start token a massive activation, as in trained transformers, so attention barely moves
+    its output.
     """
-    scales = {"token_embedding.weight": token_scale, "position_embedding.weight": position_scale,
-              "q_proj.weight": qk_scale, "k_proj.weight": qk_scale}
-    for name, param in text_encoder.named_parameters():
-        for suffix, scale in scales.items():
-            if name.endswith(suffix):
-                param.mul_(scale)
+    embeddings = text_encoder.transformer.embeddings
+    embeddings.token_embedding.weight.mul_(token_scale)
+    embeddings.position_embedding.weight.mul_(position_scale)
+    embeddings.token_embedding.weight[text_encoder.transformer.config.bos_token_id].mul_(start_scale)
+    g = torch.Generator().manual_seed(seed)
+    for layer in text_encoder.transformer.encoder.layers:
+        attn = layer.self_attn
+        for proj, scale in ((attn.q_proj, qk_scale), (attn.k_proj, qk_scale), (attn.v_proj, value_scale)):
+            proj.weight.mul_(scale)
+            proj.bias.mul_(scale)
+        attn.out_proj.weight.div_(value_scale)
+        if confidence:
+            heads, head_dim = attn.num_heads, attn.head_dim
+            u = torch.nn.functional.normalize(torch.randn(heads, head_dim, generator=g), dim=-1)
+            query_share = 0.25 / attn.scale  # an extra key gains only 0.25 logit per unit of norm along u
+            for proj, share in ((attn.q_proj, query_share), (attn.k_proj, confidence / (query_share * attn.scale))):
+                weight, bias = proj.weight.view(heads, head_dim, -1), proj.bias.view(heads, head_dim)
+                weight.sub_(u[..., None] * torch.einsum("hd,hdi->hi", u, weight)[:, None])
+                bias.sub_(u * (u * bias).sum(-1, keepdim=True)).add_(share * u)
     for param in text_encoder.parameters():
         param.copy_(param.half().float())
 
@@ -181,8 +200,12 @@ def main(argv=None):
     p.add_argument("--unet_lr", type=float, default=1e-3, help="UNet peak learning rate")
     p.add_argument("--scenes", type=int, default=40000, help="scenes the UNet sees (encoded once)")
     p.add_argument("--text_token_scale", type=float, default=30.0, help="factor on the random CLIP's token embeddings")
-    p.add_argument("--text_position_scale", type=float, default=5.0, help="factor on its position embeddings")
-    p.add_argument("--text_qk_scale", type=float, default=10.0, help="factor on its query and key projections")
+    p.add_argument("--text_position_scale", type=float, default=30.0, help="factor on its position embeddings")
+    p.add_argument("--text_qk_scale", type=float, default=1.0, help="factor on its query and key projections")
+    p.add_argument("--text_value_scale", type=float, default=1.0, help="factor on its values (out_proj divided by it)")
+    p.add_argument("--text_confidence", type=float, default=0.0,
+                   help="logit its own keys get over a key from outside the model (see shape_text_encoder)")
+    p.add_argument("--text_start_scale", type=float, default=1.0, help="extra factor on the start token's embedding")
     p.add_argument("--vae_from", default=None,
                    help="take the (trained) VAE from this toy checkpoint instead of training one: UNet experiments")
     p.add_argument("--fp32", action="store_true", help="write fp32 weights (default fp16, as shipped)")
@@ -195,7 +218,8 @@ def main(argv=None):
         model.model = DiffusionWrapper(config.model.params.unet_config)  # a fresh UNet
     else:
         model = instantiate_from_config(config.model)
-        shape_text_encoder(model.cond_stage_model, opt.text_token_scale, opt.text_position_scale, opt.text_qk_scale)
+        shape_text_encoder(model.cond_stage_model, opt.text_token_scale, opt.text_position_scale, opt.text_qk_scale,
+                           opt.text_value_scale, opt.text_confidence, opt.text_start_scale, seed=opt.seed)
     report = {"command": " ".join(["python", "scripts/train_toy_base.py", *(argv if argv is not None else sys.argv[1:])]),
               "seed": opt.seed, "options": vars(opt), "torch": torch.__version__, "threads": torch.get_num_threads()}
 

@@ -81,7 +81,7 @@ def caption(shape, colour=None, background=None, stripes=None, article=True):
     return re.sub(r"\ba (?=[aeiou])", "an ", " ".join(words))
 
 
-def random_scene(rng, size=64, stripe_p=0.35, drop_colour_p=0.3, drop_background_p=0.3, drop_article_p=0.5,
+def random_scene(rng, size=64, stripe_p=0.25, drop_colour_p=0.3, drop_background_p=0.3, drop_article_p=0.5,
                  empty_p=0.1):
     """(image, caption) of the pretraining world. Captions leave attributes out at random, so that `circle`, `circle on
     a blue background` and the empty prompt (classifier-free guidance) all mean something; the demo concept is never
