@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (reference configs name `main.DataModuleFromConfig`)
-from ldm.callbacks import AdapterCheckpoint, ImageLogger, TrainingGuard  # noqa: F401  (and `main.ImageLogger`)
+from ldm.callbacks import AdapterCheckpoint, ContinuingCSVLogger, ImageLogger, TrainingGuard  # noqa: F401  (and `main.ImageLogger`)
 from ldm.util import one_line_errors
 
 
@@ -223,7 +223,7 @@ def run(opt, unknown, extra_callbacks=()):
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.loggers import TensorBoardLogger
 
     from ldm.checkpoint import check_exists, load_checkpoint_into
     from ldm.sampling import check_output_dir
@@ -295,7 +295,7 @@ def run(opt, unknown, extra_callbacks=()):
         devices=ngpu if use_gpu else 1,
         default_root_dir=logdir,
         callbacks=callbacks,
-        logger=[TensorBoardLogger(logdir, name="tensorboard", version=""), CSVLogger(logdir, name="csv", version="")],
+        logger=[TensorBoardLogger(logdir, name="tensorboard", version=""), ContinuingCSVLogger(logdir, name="csv", version="")],
         enable_progress_bar=True,
     )
     if opt.train:

@@ -1,4 +1,5 @@
 """Lightning callbacks of a training run: adapter snapshots and sample grids."""
+import csv
 import os
 
 import pytorch_lightning as pl
@@ -108,3 +109,30 @@ class TrainingGuard(pl.Callback):
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, FloatingPointError) and trainer.is_global_zero:
             self.adapter_checkpoint.save(pl_module, "adapter", trainer.global_step)
+
+
+class ContinuingCSVLogger(pl.loggers.CSVLogger):
+    """Lightning's CSVLogger, except that a run resumed into its folder appends to `metrics.csv`.
+
+    Lightning deletes an existing `metrics.csv` when its writer starts, so `--resume` used to lose the rows before the
+    interruption (TensorBoard keeps them). The rows are read first, written back, and the writer told their columns.
+    """
+
+    @property
+    def experiment(self):
+        if self._experiment is not None:
+            return self._experiment
+        path = os.path.join(self.log_dir, "metrics.csv")
+        rows, columns = [], []
+        if os.path.isfile(path):
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                rows, columns = list(reader), list(reader.fieldnames or [])
+        writer = super().experiment
+        if columns and hasattr(writer, "metrics_keys"):  # rank 0's writer (other ranks get a dummy)
+            with open(path, "w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=columns)
+                out.writeheader()
+                out.writerows(rows)
+            writer.metrics_keys = columns
+        return writer

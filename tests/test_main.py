@@ -83,6 +83,10 @@ def test_resume_continues_at_next_step_with_same_state(tiny_ckpt, example_data, 
     assert torch.equal(state["exp_avg"], ref["exp_avg"]) and torch.equal(state["exp_avg_sq"], ref["exp_avg_sq"])
     final = torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=False)
     assert final["global_step"] == 6
+    # the CSV log keeps the rows from before the interruption (Lightning alone would have deleted them)
+    with open(os.path.join(logdir, "csv", "metrics.csv")) as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss_simple")]
+    assert steps == list(range(6)), steps
 
 
 def test_unknown_override_key_is_refused(tiny_ckpt, example_data, tmp_path, capsys):
