@@ -122,7 +122,7 @@ class ContinuingCSVLogger(pl.loggers.CSVLogger):
     def experiment(self):
         if self._experiment is not None:
             return self._experiment
-        path = os.path.join(self.log_dir, "metrics.csv")
+        path = os.path.join(self.log_dir, pl.loggers.csv_logs.ExperimentWriter.NAME_METRICS_FILE)
         rows, columns = [], []
         if os.path.isfile(path):
             with open(path, newline="") as f:
@@ -130,9 +130,13 @@ class ContinuingCSVLogger(pl.loggers.CSVLogger):
                 rows, columns = list(reader), list(reader.fieldnames or [])
         writer = super().experiment
         if columns and hasattr(writer, "metrics_keys"):  # rank 0's writer (other ranks get a dummy)
-            with open(path, "w", newline="") as f:
-                out = csv.DictWriter(f, fieldnames=columns)
-                out.writeheader()
-                out.writerows(rows)
+
+            def write_back(tmp):
+                with open(tmp, "w", newline="") as f:
+                    out = csv.DictWriter(f, fieldnames=columns)
+                    out.writeheader()
+                    out.writerows(rows)
+
+            atomic_write(path, write_back)
             writer.metrics_keys = columns
         return writer

@@ -45,9 +45,8 @@ def shape_text_encoder(text_encoder, token_scale=30.0, position_scale=30.0, qk_s
     (the model's output is unchanged, its values reach order one); `confidence`: per head, queries and keys share a
     component along one random direction (their own components along it removed), which adds the same `confidence`
     to every logit of the model's own keys (so its attention pattern does not depend on it) but not to a key from
-    outside the model;
-    `start_scale` gives the start token a massive activation, as in trained transformers, so attention barely moves
-    its output.
+    outside the model; `start_scale` gives the start token a massive activation, as in trained transformers, so
+    attention barely moves its output.
     """
     embeddings = text_encoder.transformer.embeddings
     embeddings.token_embedding.weight.mul_(token_scale)
