@@ -25,13 +25,13 @@ from tqdm import tqdm  # noqa: E402
 
 from ldm.checkpoint import save_checkpoint  # noqa: E402
 from ldm.data.toy_scenes import scene_batch  # noqa: E402
-from ldm.models.diffusion.ddpm import DiffusionWrapper, q_sample  # noqa: E402
+from ldm.models.diffusion.ddpm import q_sample  # noqa: E402
 from ldm.util import atomic_write, instantiate_from_config, load_model_from_config  # noqa: E402
 
 
 @torch.no_grad()
 def shape_text_encoder(text_encoder, token_scale=30.0, position_scale=30.0, qk_scale=1.0, value_scale=1.0,
-                       confidence=0.0, start_scale=1.0, seed=0):
+                       confidence=0.0, start_scale=1.0, end_scale=1.0, seed=0):
     """Give the random CLIP traits of a trained one, then round it to fp16 (as it is shipped).
 
     A freshly initialised CLIP starts its residual stream at 0.02 per element, so its twelve random layers wash the
@@ -46,12 +46,14 @@ def shape_text_encoder(text_encoder, token_scale=30.0, position_scale=30.0, qk_s
     component along one random direction (their own components along it removed), which adds the same `confidence`
     to every logit of the model's own keys (so its attention pattern does not depend on it) but not to a key from
     outside the model; `start_scale` gives the start token a massive activation, as in trained transformers, so
-    attention barely moves its output.
+    attention barely moves its output; `end_scale` does the same for the end token, which also fills the padding.
     """
     embeddings = text_encoder.transformer.embeddings
     embeddings.token_embedding.weight.mul_(token_scale)
     embeddings.position_embedding.weight.mul_(position_scale)
-    embeddings.token_embedding.weight[text_encoder.transformer.config.bos_token_id].mul_(start_scale)
+    config = text_encoder.transformer.config
+    embeddings.token_embedding.weight[config.bos_token_id].mul_(start_scale)
+    embeddings.token_embedding.weight[config.eos_token_id].mul_(end_scale)  # the end token, which also pads
     g = torch.Generator().manual_seed(seed)
     for layer in text_encoder.transformer.encoder.layers:
         attn = layer.self_attn
@@ -75,14 +77,14 @@ def warmup_cosine(step, total, warmup):
     return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
-def train_vae(vae, steps, batch_size, lr, seed, kl_weight=1e-6):
+def train_vae(vae, steps, batch_size, lr, seed, stripe_p, kl_weight=1e-6):
     """L1 reconstruction plus LDM's small KL term (both summed per image, as in LDM's loss); fresh scenes every step."""
     vae.train().requires_grad_(True)
     opt = torch.optim.Adam(vae.parameters(), lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, 50))
     losses = []
     for step in (bar := tqdm(range(steps), desc="VAE", dynamic_ncols=True)):
-        x = torch.from_numpy(scene_batch(f"{seed}-vae-{step}", batch_size)[0])
+        x = torch.from_numpy(scene_batch(f"{seed}-vae-{step}", batch_size, stripe_p=stripe_p)[0])
         reconstruction, posterior = vae(x)
         error = (reconstruction - x).abs()
         loss = error.flatten(1).sum(1).mean() + kl_weight * posterior.kl().mean()
@@ -113,11 +115,11 @@ def rescale_latents(vae, images, scale_factor):
 
 
 @torch.no_grad()
-def encode_scenes(model, n, seed, batch_size=256):
+def encode_scenes(model, n, seed, stripe_p, batch_size=256):
     """Posterior means and standard deviations of `n` scenes, their captions, and one text encoding per caption."""
     means, stds, captions = [], [], []
     for i in tqdm(range(0, n, batch_size), desc="encode", dynamic_ncols=True):
-        x, text = scene_batch(f"{seed}-unet-{i}", min(batch_size, n - i))
+        x, text = scene_batch(f"{seed}-unet-{i}", min(batch_size, n - i), stripe_p=stripe_p)
         posterior = model.first_stage_model.encode(torch.from_numpy(x))
         means.append(posterior.mean)
         stds.append(posterior.std)
@@ -128,7 +130,7 @@ def encode_scenes(model, n, seed, batch_size=256):
     return torch.cat(means), torch.cat(stds), torch.tensor([index[c] for c in captions]), cond
 
 
-def train_unet(model, n_scenes, steps, batch_size, lr, seed, ema_decay=0.999, offset_noise=0.3, noisy_share=0.5):
+def train_unet(model, n_scenes, steps, batch_size, lr, seed, stripe_p, ema_decay=0.999, offset_noise=0.3, noisy_share=0.5):
     """The LDM objective (predict the noise), on latents sampled from cached posteriors, with two changes that make a
     short training listen to its captions.
 
@@ -138,7 +140,7 @@ def train_unet(model, n_scenes, steps, batch_size, lr, seed, ema_decay=0.999, of
     "offset noise" of SD fine-tunes), which hides the mean colour; `noisy_share` of every batch draws its timestep
     from the noisiest 30%, where the caption decides the colours, instead of uniformly.
     """
-    means, stds, caption_ids, cond = encode_scenes(model, n_scenes, seed)
+    means, stds, caption_ids, cond = encode_scenes(model, n_scenes, seed, stripe_p)
     unet = model.model
     unet.train().requires_grad_(True)
     ema = torch.optim.swa_utils.AveragedModel(unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
@@ -198,6 +200,7 @@ def main(argv=None):
     p.add_argument("--unet_batch_size", type=int, default=64, help="UNet batch size")
     p.add_argument("--unet_lr", type=float, default=1e-3, help="UNet peak learning rate")
     p.add_argument("--scenes", type=int, default=40000, help="scenes the UNet sees (encoded once)")
+    p.add_argument("--stripe_p", type=float, default=0.25, help="share of scenes whose object is striped in two colours")
     p.add_argument("--text_token_scale", type=float, default=30.0, help="factor on the random CLIP's token embeddings")
     p.add_argument("--text_position_scale", type=float, default=30.0, help="factor on its position embeddings")
     p.add_argument("--text_qk_scale", type=float, default=1.0, help="factor on its query and key projections")
@@ -205,32 +208,35 @@ def main(argv=None):
     p.add_argument("--text_confidence", type=float, default=0.0,
                    help="logit its own keys get over a key from outside the model (see shape_text_encoder)")
     p.add_argument("--text_start_scale", type=float, default=1.0, help="extra factor on the start token's embedding")
+    p.add_argument("--text_end_scale", type=float, default=1.0,
+                   help="extra factor on the end token's embedding (which also pads the 77 positions)")
     p.add_argument("--vae_from", default=None,
-                   help="take the (trained) VAE from this toy checkpoint instead of training one: UNet experiments")
+                   help="take the (trained) VAE from this toy checkpoint instead of training one (text-encoder and UNet "
+                        "experiments; the VAE depends only on the seed, --stripe_p and the --vae_* options)")
     p.add_argument("--fp32", action="store_true", help="write fp32 weights (default fp16, as shipped)")
     opt = p.parse_args(argv)
     start = time.time()
     torch.manual_seed(opt.seed)
     config = OmegaConf.load(opt.config)
-    if opt.vae_from:
-        model = load_model_from_config(config, opt.vae_from, verbose=False)
-        model.model = DiffusionWrapper(config.model.params.unet_config)  # a fresh UNet
-    else:
-        model = instantiate_from_config(config.model)
-        shape_text_encoder(model.cond_stage_model, opt.text_token_scale, opt.text_position_scale, opt.text_qk_scale,
-                           opt.text_value_scale, opt.text_confidence, opt.text_start_scale, seed=opt.seed)
+    model = instantiate_from_config(config.model)
+    shape_text_encoder(model.cond_stage_model, opt.text_token_scale, opt.text_position_scale, opt.text_qk_scale,
+                       opt.text_value_scale, opt.text_confidence, opt.text_start_scale, opt.text_end_scale,
+                       seed=opt.seed)
+    if opt.vae_from:  # after the fresh model is drawn, so that its UNet and text encoder are those of a full run
+        donor = load_model_from_config(config, opt.vae_from, verbose=False)
+        model.first_stage_model.load_state_dict(donor.first_stage_model.state_dict())
     report = {"command": " ".join(["python", "scripts/train_toy_base.py", *(argv if argv is not None else sys.argv[1:])]),
               "seed": opt.seed, "options": vars(opt), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
     curves = {}
     if not opt.vae_from:
         curves["VAE reconstruction (mean |error|, [-1, 1] pixels)"] = vae_losses = train_vae(
-            model.first_stage_model, opt.vae_steps, opt.vae_batch_size, opt.vae_lr, opt.seed)
-        images = torch.from_numpy(scene_batch(f"{opt.seed}-rescale", 512)[0])
+            model.first_stage_model, opt.vae_steps, opt.vae_batch_size, opt.vae_lr, opt.seed, opt.stripe_p)
+        images = torch.from_numpy(scene_batch(f"{opt.seed}-rescale", 512, stripe_p=opt.stripe_p)[0])
         report["vae_rescale"] = rescale_latents(model.first_stage_model, images, model.scale_factor)
         report["vae_l1_last100"] = statistics.mean(vae_losses[-100:])
     unet_losses, report["distinct_captions"] = train_unet(model, opt.scenes, opt.unet_steps, opt.unet_batch_size,
-                                                          opt.unet_lr, opt.seed)
+                                                          opt.unet_lr, opt.seed, opt.stripe_p)
     curves["UNet noise-prediction loss"] = unet_losses
     report["unet_loss_last200"] = statistics.mean(unet_losses[-200:])
     report["minutes"] = (time.time() - start) / 60

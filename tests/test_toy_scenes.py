@@ -14,6 +14,15 @@ def test_scenes_are_deterministic_from_the_seed():
     assert a[0].shape == (20, 3, 64, 64) and a[0].min() >= -1 and a[0].max() <= 1
 
 
+def test_scene_batch_passes_its_options_to_the_scenes():
+    def striped(stripe_p):
+        return sum("striped" in text for text in scene_batch("7", 200, stripe_p=stripe_p)[1])
+
+    assert striped(0.0) == 0
+    assert striped(1.0) > 100  # the colour words (stripes included) are dropped from 30% of captions
+    assert striped(0.25) < striped(0.35) < striped(1.0)
+
+
 def test_captions_say_what_is_drawn():
     """Every non-empty caption's named colours and shape are the ones read back from its image."""
     rng = random.Random(3)

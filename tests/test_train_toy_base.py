@@ -49,16 +49,22 @@ def test_rescaling_gives_sd_spread_and_leaves_reconstructions_unchanged():
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
 
 
-def test_vae_from_keeps_vae_and_text_encoder_and_trains_a_fresh_unet(tmp_path):
+def test_vae_from_keeps_the_vae_and_shapes_a_fresh_text_encoder_and_unet(tmp_path):
+    """The text encoder is drawn and shaped as in a full run (here with a doubled end token), only the VAE is taken."""
     from .conftest import TOY_CKPT
 
     out = tmp_path / "unet-only.ckpt"
-    main(["--out", str(out), "--vae_from", TOY_CKPT, "--unet_steps", "2", "--unet_batch_size", "4", "--scenes", "8"])
+    main(["--out", str(out), "--vae_from", TOY_CKPT, "--text_end_scale", "2", "--unet_steps", "2",
+          "--unet_batch_size", "4", "--scenes", "8"])
     before = torch.load(TOY_CKPT, weights_only=True)["state_dict"]
     after = torch.load(out, weights_only=True)["state_dict"]
+    tokens = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
     for k in before:
-        if k.startswith(("first_stage_model.", "cond_stage_model.")):
+        if k.startswith(("first_stage_model.", "cond_stage_model.")) and k != tokens:
             assert torch.equal(before[k], after[k]), k
+    eos = 49407
+    assert torch.equal(after[tokens][eos], 2 * before[tokens][eos])
+    assert torch.equal(after[tokens][:eos], before[tokens][:eos])
     unet = [k for k in before if k.startswith("model.diffusion_model.")]
     assert sorted(unet) == sorted(k for k in after if k.startswith("model.diffusion_model."))
     assert not all(torch.equal(before[k], after[k]) for k in unet)

@@ -104,12 +104,13 @@ def random_scene(rng, size=64, stripe_p=0.25, drop_colour_p=0.3, drop_background
     return image, text
 
 
-def scene_batch(seed, n, size=64):
-    """`n` scenes as a float tensor-ready array (n, 3, size, size) in [-1, 1] and their captions."""
+def scene_batch(seed, n, size=64, **scene_options):
+    """`n` scenes as a float tensor-ready array (n, 3, size, size) in [-1, 1] and their captions; `scene_options` go to
+    `random_scene`."""
     rng = random.Random(seed)
     images, captions = [], []
     for _ in range(n):
-        image, text = random_scene(rng, size)
+        image, text = random_scene(rng, size, **scene_options)
         images.append(np.asarray(image))
         captions.append(text)
     return np.stack(images).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0, captions
