@@ -69,7 +69,13 @@ def shape_text_encoder(text_encoder, token_scale=30.0, position_scale=30.0, qk_s
                 weight, bias = proj.weight.view(heads, head_dim, -1), proj.bias.view(heads, head_dim)
                 weight.sub_(u[..., None] * torch.einsum("hd,hdi->hi", u, weight)[:, None])
                 bias.sub_(u * (u * bias).sum(-1, keepdim=True)).add_(share * u)
-    for param in text_encoder.parameters():
+    round_to_fp16(text_encoder)
+
+
+@torch.no_grad()
+def round_to_fp16(module):
+    """The model ships in fp16: rounding a finished part now makes the rest train against exactly what is shipped."""
+    for param in module.parameters():
         param.copy_(param.half().float())
 
 
@@ -116,7 +122,7 @@ def rescale_latents(vae, images, scale_factor):
 
 @torch.no_grad()
 def encode_scenes(model, n, seed, stripe_p, batch_size=256):
-    """Posterior means and standard deviations of `n` scenes, their captions, and one text encoding per caption."""
+    """Posterior means and standard deviations of `n` scenes, and each scene's index into the sorted distinct captions."""
     means, stds, captions = [], [], []
     for i in tqdm(range(0, n, batch_size), desc="encode", dynamic_ncols=True):
         x, text = scene_batch(f"{seed}-unet-{i}", min(batch_size, n - i), stripe_p=stripe_p)
@@ -126,11 +132,11 @@ def encode_scenes(model, n, seed, stripe_p, batch_size=256):
         captions += text
     unique = sorted(set(captions))
     index = {c: i for i, c in enumerate(unique)}
-    cond = torch.cat([model.get_learned_conditioning(unique[i:i + batch_size]) for i in range(0, len(unique), batch_size)])
-    return torch.cat(means), torch.cat(stds), torch.tensor([index[c] for c in captions]), cond
+    return torch.cat(means), torch.cat(stds), torch.tensor([index[c] for c in captions]), unique
 
 
-def train_unet(model, n_scenes, steps, batch_size, lr, seed, stripe_p, ema_decay=0.999, offset_noise=0.3, noisy_share=0.5):
+def train_unet(model, n_scenes, steps, batch_size, lr, seed, stripe_p, text_lr=0.0, ema_decay=0.999, offset_noise=0.3,
+               noisy_share=0.5):
     """The LDM objective (predict the noise), on latents sampled from cached posteriors, with two changes that make a
     short training listen to its captions.
 
@@ -140,11 +146,20 @@ def train_unet(model, n_scenes, steps, batch_size, lr, seed, stripe_p, ema_decay
     "offset noise" of SD fine-tunes), which hides the mean colour; `noisy_share` of every batch draws its timestep
     from the noisiest 30%, where the caption decides the colours, instead of uniformly.
     """
-    means, stds, caption_ids, cond = encode_scenes(model, n_scenes, seed, stripe_p)
-    unet = model.model
-    unet.train().requires_grad_(True)
-    ema = torch.optim.swa_utils.AveragedModel(unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
-    opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=0.0)
+    means, stds, caption_ids, captions = encode_scenes(model, n_scenes, seed, stripe_p)
+    text_encoder = model.cond_stage_model
+    tokens = text_encoder.tokenize(captions)
+    trained = torch.nn.ModuleDict({"unet": model.model})
+    groups = [{"params": model.model.parameters(), "lr": lr}]
+    if text_lr:
+        trained["text"] = text_encoder.transformer
+        groups.append({"params": text_encoder.transformer.parameters(), "lr": text_lr})
+    else:
+        with torch.no_grad():
+            cond = torch.cat([text_encoder.encode_tokens(tokens[i:i + 256]) for i in range(0, len(tokens), 256)])
+    trained.train().requires_grad_(True)
+    ema = torch.optim.swa_utils.AveragedModel(trained, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
+    opt = torch.optim.AdamW(groups, lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, 200))
     generator = torch.Generator().manual_seed(seed)
     losses = []
@@ -156,19 +171,22 @@ def train_unet(model, n_scenes, steps, batch_size, lr, seed, stripe_p, ema_decay
         t[noisy] = torch.randint(int(0.7 * model.num_timesteps), model.num_timesteps, (int(noisy.sum()),), generator=generator)
         noise = torch.randn(z.shape, generator=generator)
         noise += offset_noise * torch.randn((batch_size, z.shape[1], 1, 1), generator=generator)
-        eps = unet(q_sample(z, t, noise, model.alphas_cumprod), t, cond[caption_ids[i]])
+        context = text_encoder.encode_tokens(tokens[caption_ids[i]]) if text_lr else cond[caption_ids[i]]
+        eps = model.model(q_sample(z, t, noise, model.alphas_cumprod), t, context)
         loss = torch.nn.functional.mse_loss(eps, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
         sched.step()
-        ema.update_parameters(unet)
+        ema.update_parameters(trained)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    unet.load_state_dict(ema.module.state_dict())
-    unet.eval().requires_grad_(False)
-    return losses, len(cond)
+    trained.load_state_dict(ema.module.state_dict())
+    trained.eval().requires_grad_(False)
+    if text_lr:
+        round_to_fp16(text_encoder)
+    return losses, len(captions)
 
 
 def plot_losses(curves, path):
@@ -210,6 +228,8 @@ def main(argv=None):
     p.add_argument("--text_start_scale", type=float, default=1.0, help="extra factor on the start token's embedding")
     p.add_argument("--text_end_scale", type=float, default=1.0,
                    help="extra factor on the end token's embedding (which also pads the 77 positions)")
+    p.add_argument("--text_lr", type=float, default=0.0,
+                   help="train the text encoder with the UNet at this peak learning rate (0: it stays as drawn)")
     p.add_argument("--vae_from", default=None,
                    help="take the (trained) VAE from this toy checkpoint instead of training one (text-encoder and UNet "
                         "experiments; the VAE depends only on the seed, --stripe_p and the --vae_* options)")
@@ -236,7 +256,7 @@ def main(argv=None):
         report["vae_rescale"] = rescale_latents(model.first_stage_model, images, model.scale_factor)
         report["vae_l1_last100"] = statistics.mean(vae_losses[-100:])
     unet_losses, report["distinct_captions"] = train_unet(model, opt.scenes, opt.unet_steps, opt.unet_batch_size,
-                                                          opt.unet_lr, opt.seed, opt.stripe_p)
+                                                          opt.unet_lr, opt.seed, opt.stripe_p, opt.text_lr)
     curves["UNet noise-prediction loss"] = unet_losses
     report["unet_loss_last200"] = statistics.mean(unet_losses[-200:])
     report["minutes"] = (time.time() - start) / 60

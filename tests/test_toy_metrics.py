@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldm.data.toy_scenes import COLOURS, SHAPES, concept_images, draw_scene, random_layout
-from ldm.evaluation.toy_metrics import fidelity, parse_prompt, read_scenes, scores
+from ldm.evaluation.toy_metrics import fidelity, parse_prompt, read_scenes, round_trip_fidelity, scores
 
 
 def _tensor(images):
@@ -59,3 +59,22 @@ def test_scores_count_obeyed_prompts_and_changes():
     assert s["pixel_change"] == 0.0 and s["unchanged"] == 1.0
     moved = scores(images, "a red circle on a blue background", base_images=images.roll(1, 0))
     assert moved["pixel_change"] > 0.01 and moved["unchanged"] == 0.5
+
+
+class _Identity(torch.nn.Module):
+    """An autoencoder that loses nothing: the latent is the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def encode(self, x):
+        return type("Posterior", (), {"mean": x})()
+
+    def decode(self, z):
+        return z
+
+
+def test_round_trip_fidelity_is_the_drawn_concept_through_a_lossless_autoencoder_and_less_through_the_toy_vae(toy_model):
+    assert round_trip_fidelity(_Identity(), "blue") > 0.85
+    assert round_trip_fidelity(toy_model.first_stage_model, "blue") < 0.6  # the toy VAE blurs the bands

@@ -120,3 +120,17 @@ def test_confident_attention_and_unit_values_keep_an_untrained_adapter_from_movi
     no_value_scale, _ = outputs(**{**EXPERIMENT, "value_scale": 1.0})
     torch.testing.assert_close(shaped, no_value_scale, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(shaped, outputs(**{**EXPERIMENT, "qk_scale": 1.0})[0], atol=1e-4, rtol=1e-4)
+
+
+def test_text_lr_trains_the_text_encoder_with_the_unet(tmp_path):
+    from .conftest import TOY_CKPT
+
+    out = tmp_path / "joint.ckpt"
+    main(["--out", str(out), "--vae_from", TOY_CKPT, "--text_lr", "1e-3", "--unet_steps", "250", "--unet_batch_size", "2",
+          "--scenes", "8"])
+    before = torch.load(TOY_CKPT, weights_only=True)["state_dict"]
+    after = torch.load(out, weights_only=True)["state_dict"]
+    text = [k for k in before if k.startswith("cond_stage_model.") and "embeddings" not in k]
+    moved = [k for k in text if not torch.equal(before[k], after[k])]
+    assert len(moved) > len(text) // 2
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("first_stage_model."))
