@@ -144,7 +144,8 @@ def train_unet(model, n_scenes, steps, batch_size, lr, seed, stripe_p, text_lr=0
     UNet can denoise well while ignoring the text, and then it draws colours from the starting noise instead of the
     prompt. `offset_noise` adds a per-image, per-channel constant of that standard deviation to the noise (the
     "offset noise" of SD fine-tunes), which hides the mean colour; `noisy_share` of every batch draws its timestep
-    from the noisiest 30%, where the caption decides the colours, instead of uniformly.
+    from the noisiest 30%, where the caption decides the colours, instead of uniformly. With `text_lr` the text
+    encoder trains along (an experiment: SD's stays frozen, the original LDM text-to-image model trained its own).
     """
     means, stds, caption_ids, captions = encode_scenes(model, n_scenes, seed, stripe_p)
     text_encoder = model.cond_stage_model
