@@ -65,8 +65,9 @@ def main(argv=None):
 
     results = compare(model.eval(), PROMPTS, n=opt.n, seed=opt.seed)
     for prompt in PROMPTS:  # what the VAE lets through of the concept itself on that background
-        if parse_prompt(prompt)["shape"] == "circle":
-            results[prompt]["ceiling"] = round_trip_fidelity(model.first_stage_model, parse_prompt(prompt)["background"])
+        asked = parse_prompt(prompt)
+        if asked["shape"] == "circle":
+            results[prompt]["ceiling"] = round_trip_fidelity(model.first_stage_model, asked["background"])
     shown = min(4, opt.n)
     rows = [torch.cat([r["images"][k][:shown] for r in results.values()]) for k in (0, 1)]
     path = os.path.join(opt.outdir, "base_vs_catversion.png")

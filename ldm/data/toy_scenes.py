@@ -116,10 +116,11 @@ def scene_batch(seed, n, size=64, **scene_options):
     return np.stack(images).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0, captions
 
 
-def concept_images(n=5, size=64, seed=0, stripes=CONCEPT_STRIPES):
-    """The demo concept: a circle striped in two colours, at different places on different backgrounds."""
+def concept_images(n=5, size=64, seed=0, stripes=CONCEPT_STRIPES, backgrounds=None):
+    """The demo concept: a circle striped in two colours, at different places on different backgrounds (by default
+    every colour but the stripes', in turn)."""
     rng = random.Random(seed)
-    backgrounds = [c for c in COLOURS if c not in stripes]
+    backgrounds = backgrounds or [c for c in COLOURS if c not in stripes]
     return [draw_scene(CONCEPT_SHAPE, None, backgrounds[i % len(backgrounds)], *random_layout(rng, size), size=size,
                        stripes=stripes) for i in range(n)]
 

@@ -93,16 +93,12 @@ def round_trip_fidelity(autoencoder, background, n=16, seed=0):
     A generated image passes through the same decoder, so this is the most fidelity any method can show on that
     background: the 8x-downsampled latent blurs thin bands of colour.
     """
-    import random
-
     import numpy as np
 
-    from ldm.data.toy_scenes import CONCEPT_SHAPE, draw_scene, random_layout
+    from ldm.data.toy_scenes import concept_images
 
-    rng = random.Random(seed)
-    drawn = [np.asarray(draw_scene(CONCEPT_SHAPE, None, background, *random_layout(rng, 64), stripes=CONCEPT_STRIPES))
-             for _ in range(n)]
-    x = torch.from_numpy(np.stack(drawn)).permute(0, 3, 1, 2).float().to(next(autoencoder.parameters()).device)
+    drawn = np.stack([np.asarray(image) for image in concept_images(n, seed=seed, backgrounds=[background])])
+    x = torch.from_numpy(drawn).permute(0, 3, 1, 2).float().to(next(autoencoder.parameters()).device)
     decoded = autoencoder.decode(autoencoder.encode(x / 127.5 - 1).mean)
     return sum(map(fidelity, read_scenes(((decoded + 1) / 2).clamp(0, 1).cpu()))) / n
 
