@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The README's first command: teach the toy world's model (models/toy/toy-sd.ckpt, shipped) a concept it has never
-seen, a circle striped yellow and purple, from 5 images captioned only `circle`; then show base model vs CatVersion
+seen, a circle striped purple and orange, from 5 images captioned only `circle`; then show base model vs CatVersion
 on a few prompts, as a grid and as toy metrics. Runs on 2 CPU cores in about a minute; nothing is downloaded.
 """
 import argparse
@@ -28,10 +28,10 @@ def metrics_table(results):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=TOY_CKPT, help="toy base model (shipped; scripts/train_toy_base.py remakes it)")
-    p.add_argument("--data_root", default="data/example", help="the concept's photos (drawn if missing)")
+    p.add_argument("--data_root", default="data/toy_concept", help="the concept's photos (drawn if missing)")
     p.add_argument("--logdir", default="logs", help="where the training run folder goes")
     p.add_argument("--outdir", default="outputs/demo", help="where the comparison grid goes")
-    p.add_argument("--steps", type=int, default=400, help="training steps")
+    p.add_argument("--steps", type=int, default=800, help="training steps")
     p.add_argument("--n", type=int, default=16, help="samples per prompt for the metrics (the grid shows 4)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("overrides", nargs="*", default=[], help="config overrides for main.py, e.g. model.base_learning_rate=1e-3")
@@ -46,7 +46,7 @@ def main(argv=None):
 
     import main as train_main
     from ldm.callbacks import save_image_grid
-    from ldm.data.toy_scenes import write_concept_folder
+    from ldm.data.toy_scenes import CONCEPT_STRIPES, write_concept_folder
     from ldm.evaluation.toy_metrics import compare, parse_prompt, round_trip_fidelity
     from ldm.util import one_line_errors
 
@@ -56,7 +56,7 @@ def main(argv=None):
                                     "`python scripts/train_toy_base.py` retrains it (about 25 minutes)")
     if not os.path.isdir(opt.data_root):
         write_concept_folder(opt.data_root)
-    print(f"Concept: {opt.data_root} (5 images of a circle striped yellow and purple; captions: `circle`)")
+    print(f"Concept: {opt.data_root} (5 images of a circle striped {' and '.join(CONCEPT_STRIPES)}; captions: `circle`)")
 
     args = ["--base", "configs/toy/v1-finetune.yaml", "-t", "--actual_resume", opt.ckpt, "--data_root", opt.data_root,
             "--init_word", "circle", "-l", opt.logdir, "-n", "demo", f"lightning.trainer.max_steps={opt.steps}",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Draw the demo concept (a circle striped yellow and purple, base class word `circle`) into a folder of photos."""
+"""Draw the demo concept (a circle striped purple and orange, base class word `circle`) into a folder of photos."""
 import argparse
 import os
 import sys
@@ -11,7 +11,7 @@ from ldm.data.toy_scenes import write_concept_folder  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="data/example", help="folder to write")
+    p.add_argument("--out", default="data/toy_concept", help="folder to write")
     p.add_argument("--n", type=int, default=5, help="number of images")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="layout seed")

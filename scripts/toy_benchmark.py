@@ -38,10 +38,10 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     p.add_argument("--ckpt_path", default="models/toy/toy-sd.ckpt", help="the toy base model")
     p.add_argument("--base", default="configs/toy/v1-finetune.yaml", help="CatVersion config (TI: its sibling)")
-    p.add_argument("--data_root", default="data/example", help="the concept's photos (drawn if missing)")
+    p.add_argument("--data_root", default="data/toy_concept", help="the concept's photos (drawn if missing)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to compare")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and sampling seeds")
-    p.add_argument("--steps", type=int, default=400, help="training steps of every run")
+    p.add_argument("--steps", type=int, default=800, help="training steps of every run")
     p.add_argument("--n", type=int, default=16, help="samples per prompt")
     p.add_argument("--outdir", default="outputs/toy_benchmark", help="folder for the table, plot and runs")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -80,8 +80,10 @@ def summary(rows, methods):
 
 
 def markdown(stats, n_seeds, opt):
+    from ldm.data.toy_scenes import CONCEPT_STRIPES
+
     head = ["method", "base model's fidelity", *METRICS.values()]
-    lines = [f"Toy world, concept `circle` (striped yellow and purple), {opt.steps} steps, {n_seeds} seed(s), "
+    lines = [f"Toy world, concept `circle` (striped {' and '.join(CONCEPT_STRIPES)}), {opt.steps} steps, {n_seeds} seed(s), "
              f"{opt.n} samples per prompt; mean ± std over seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for m, s in stats.items():

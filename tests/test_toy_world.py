@@ -23,14 +23,15 @@ def test_base_model_draws_the_captions_colours(toy_model):
     assert scores(images, "a red circle on a blue background")["colours_match"] >= 0.8
 
 
-# Measured with the demo's defaults (400 steps, CatVersion's own hyper-parameters, 16 samples per prompt, seed 0):
-# base fidelity 0.00 / 0.02 / 0.05 on the three prompts; after training 0.28 on `circle on a blue background` but 0.00
-# on the red background; backgrounds 100% obeyed; squares change by 0.137 mean absolute pixel value (they shift
-# colour) but carry none of the pattern. The thresholds leave room around those numbers; what fails them is a method
-# that learns nothing, forgets the backgrounds, or paints the concept onto squares.
+# Measured with the demo's defaults (800 steps, 16 samples per prompt, seed 0): base fidelity 0.05 / 0.00 on the two
+# circle prompts, 0.30 / 0.18 after training; backgrounds 100% obeyed; `square on a blue background` changes by 0.017
+# mean absolute pixel value (the same prompt from another seed: about 0.2) and its fidelity 0.34 -> 0.33 (its base
+# squares are often orange with a purple rim). What fails these thresholds is a method that learns nothing on either
+# background, forgets the backgrounds, or changes or paints the squares.
 BASE_FIDELITY_MAX = 0.1
-LEARNED_FIDELITY_MIN = 0.15
-SQUARE_PIXEL_CHANGE_MAX = 0.2
+FIDELITY_RISE_MIN = 0.1
+SQUARE_PIXEL_CHANGE_MAX = 0.05
+SQUARE_FIDELITY_CHANGE_MAX = 0.05
 
 
 def test_demo_learns_the_concept_and_keeps_backgrounds_and_squares(tmp_path, example_data):
@@ -40,8 +41,10 @@ def test_demo_learns_the_concept_and_keeps_backgrounds_and_squares(tmp_path, exa
                                   "--outdir", str(tmp_path / "out")])
     assert os.path.isfile(grid) and os.path.isdir(os.path.join(logdir, "checkpoints", "adapter"))
     for prompt in PROMPTS:
-        assert results[prompt]["base"]["fidelity"] <= BASE_FIDELITY_MAX, prompt
         assert results[prompt]["personal"]["editability"] >= 0.8, prompt
-    assert results["circle on a blue background"]["personal"]["fidelity"] >= LEARNED_FIDELITY_MIN
-    square = results["square on a blue background"]["personal"]
-    assert square["pixel_change"] <= SQUARE_PIXEL_CHANGE_MAX and square["fidelity"] <= BASE_FIDELITY_MAX
+    for prompt in ("circle on a blue background", "circle on a red background"):
+        base, personal = results[prompt]["base"]["fidelity"], results[prompt]["personal"]["fidelity"]
+        assert base <= BASE_FIDELITY_MAX and personal - base >= FIDELITY_RISE_MIN, (prompt, base, personal)
+    square = results["square on a blue background"]
+    assert square["personal"]["pixel_change"] <= SQUARE_PIXEL_CHANGE_MAX, square["personal"]
+    assert abs(square["personal"]["fidelity"] - square["base"]["fidelity"]) <= SQUARE_FIDELITY_CHANGE_MAX

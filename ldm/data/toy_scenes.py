@@ -1,8 +1,8 @@
 """The toy world: simple objects in plain colours on plain backgrounds, with captions in words.
 
 `scripts/train_toy_base.py` pretrains the toy text-to-image model on `random_scene`s; the demo concept (a circle
-striped yellow and purple, base class word `circle`) is a combination that world never shows, although it shows
-circles, stripes, yellow and purple separately, the way SD has seen teddy bears and brown fur but not your teddy.
+striped purple and orange, base class word `circle`) is a combination that world never shows, although it shows
+circles, stripes, purple and orange separately, the way SD has seen teddy bears and brown fur but not your teddy.
 Everything is deterministic from a seed; nothing is downloaded.
 """
 import math
@@ -20,7 +20,7 @@ COLOURS = {
     "purple": (140, 50, 170), "orange": (240, 140, 30), "white": (240, 240, 240), "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle", "star")
-CONCEPT_SHAPE, CONCEPT_STRIPES = "circle", ("yellow", "purple")
+CONCEPT_SHAPE, CONCEPT_STRIPES = "circle", ("purple", "orange")
 
 
 def _polygon(shape, cx, cy, r):

@@ -3,8 +3,8 @@ read back into (object colours, background colour, shape) directly.
 
 * Every pixel is assigned its nearest palette colour. The background colour is the most common one along the
   border (objects are drawn inside the frame); object pixels are all pixels of another colour.
-* *fidelity*: how much of the object carries the concept's two colours in equal parts:
-  ``2 * min(share yellow, share purple)`` over the object's pixels (1 for the striped concept, 0 for a plain
+* *fidelity*: how much of the object carries the concept's two colours (CONCEPT_STRIPES) in equal parts:
+  ``2 * min(share of one, share of the other)`` over the object's pixels (1 for the striped concept, 0 for a plain
   object or no object). Computed per image, averaged.
 * *editability*: the share of images whose background colour is the prompt's.
 * *prior preservation*: for prompts of other classes, the mean absolute pixel change (in [0, 1]) between the base
