@@ -9,6 +9,7 @@ The shipped models/toy/toy-sd.ckpt was made by the defaults with the VAE of the 
 cores): `git show 5d938ba:models/toy/toy-sd.ckpt > vae.ckpt && python scripts/train_toy_base.py --vae_from vae.ckpt`.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -88,7 +89,8 @@ def separate_word_queries(text_encoder, layers, seed):
     """
     config = text_encoder.transformer.config
     tokens = text_encoder.tokenize(scene_batch(f"{seed}-queries", 1024)[1])
-    first_end = (tokens == config.eos_token_id).int().cumsum(1).cumsum(1) <= 1  # words, start and the first end token
+    ends = tokens == config.eos_token_id
+    first_end = ends.cumsum(1) - ends.int() == 0  # no end token before: the start token, the words, the first end token
     ids = tokens[first_end]
     vocabulary = ids.unique()
     if len(vocabulary) > config.hidden_size:
@@ -258,16 +260,23 @@ def main(argv=None):
     p.add_argument("--unet_lr", type=float, default=1e-3, help="UNet peak learning rate")
     p.add_argument("--scenes", type=int, default=40000, help="scenes the UNet sees (encoded once)")
     p.add_argument("--stripe_p", type=float, default=0.25, help="share of scenes whose object is striped in two colours")
-    p.add_argument("--text_token_scale", type=float, default=30.0, help="factor on the random CLIP's token embeddings")
-    p.add_argument("--text_position_scale", type=float, default=3.0, help="factor on its position embeddings")
-    p.add_argument("--text_qk_scale", type=float, default=3.0, help="factor on its query and key projections")
-    p.add_argument("--text_value_scale", type=float, default=2.0, help="factor on its values (out_proj divided by it)")
-    p.add_argument("--text_confidence", type=float, default=8.0,
+    # --text_<knob> are shape_text_encoder's knobs; its defaults (the shipped shaping) are the defaults here.
+    shaping = {name: param.default for name, param in inspect.signature(shape_text_encoder).parameters.items()
+               if name not in ("text_encoder", "seed")}
+    p.add_argument("--text_token_scale", type=float, default=shaping["token_scale"],
+                   help="factor on the random CLIP's token embeddings")
+    p.add_argument("--text_position_scale", type=float, default=shaping["position_scale"],
+                   help="factor on its position embeddings")
+    p.add_argument("--text_qk_scale", type=float, default=shaping["qk_scale"], help="factor on its query and key projections")
+    p.add_argument("--text_value_scale", type=float, default=shaping["value_scale"],
+                   help="factor on its values (out_proj divided by it)")
+    p.add_argument("--text_confidence", type=float, default=shaping["confidence"],
                    help="logit its own keys get over a key from outside the model (see shape_text_encoder)")
-    p.add_argument("--text_start_scale", type=float, default=10.0, help="extra factor on the start token's embedding")
-    p.add_argument("--text_end_scale", type=float, default=10.0,
+    p.add_argument("--text_start_scale", type=float, default=shaping["start_scale"],
+                   help="extra factor on the start token's embedding")
+    p.add_argument("--text_end_scale", type=float, default=shaping["end_scale"],
                    help="extra factor on the end token's embedding (which also pads the 77 positions)")
-    p.add_argument("--text_word_queries", type=int, nargs="*", default=[9, 10, 11],
+    p.add_argument("--text_word_queries", type=int, nargs="*", default=shaping["word_queries"],
                    help="layers whose queries are refitted to be orthogonal between the world's words")
     p.add_argument("--text_lr", type=float, default=0.0,
                    help="train the text encoder with the UNet at this peak learning rate (0: it stays as drawn)")
@@ -280,9 +289,7 @@ def main(argv=None):
     torch.manual_seed(opt.seed)
     config = OmegaConf.load(opt.config)
     model = instantiate_from_config(config.model)
-    shape_text_encoder(model.cond_stage_model, opt.text_token_scale, opt.text_position_scale, opt.text_qk_scale,
-                       opt.text_value_scale, opt.text_confidence, opt.text_start_scale, opt.text_end_scale,
-                       opt.text_word_queries, seed=opt.seed)
+    shape_text_encoder(model.cond_stage_model, **{name: getattr(opt, f"text_{name}") for name in shaping}, seed=opt.seed)
     if opt.vae_from:  # after the fresh model is drawn, so that its UNet and text encoder are those of a full run
         donor = load_model_from_config(config, opt.vae_from, verbose=False)
         model.first_stage_model.load_state_dict(donor.first_stage_model.state_dict())
