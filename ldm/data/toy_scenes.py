@@ -108,12 +108,13 @@ def scene_batch(seed, n, size=64, **scene_options):
     """`n` scenes as a float tensor-ready array (n, 3, size, size) in [-1, 1] and their captions; `scene_options` go to
     `random_scene`."""
     rng = random.Random(seed)
-    images, captions = [], []
-    for _ in range(n):
-        image, text = random_scene(rng, size, **scene_options)
-        images.append(np.asarray(image))
-        captions.append(text)
-    return np.stack(images).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0, captions
+    images, captions = zip(*(random_scene(rng, size, **scene_options) for _ in range(n)))
+    return to_model_range(images), list(captions)
+
+
+def to_model_range(images):
+    """PIL images -> a float array (n, 3, H, W) in [-1, 1], as the models take them."""
+    return np.stack([np.asarray(image) for image in images]).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
 
 
 def concept_images(n=5, size=64, seed=0, stripes=CONCEPT_STRIPES, backgrounds=None):

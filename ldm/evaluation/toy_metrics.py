@@ -93,13 +93,11 @@ def round_trip_fidelity(autoencoder, background, n=16, seed=0):
     A generated image passes through the same decoder, so this is the most fidelity any method can show on that
     background: the 8x-downsampled latent blurs thin bands of colour.
     """
-    import numpy as np
+    from ldm.data.toy_scenes import concept_images, to_model_range
 
-    from ldm.data.toy_scenes import concept_images
-
-    drawn = np.stack([np.asarray(image) for image in concept_images(n, seed=seed, backgrounds=[background])])
-    x = torch.from_numpy(drawn).permute(0, 3, 1, 2).float().to(next(autoencoder.parameters()).device)
-    decoded = autoencoder.decode(autoencoder.encode(x / 127.5 - 1).mean)
+    drawn = to_model_range(concept_images(n, seed=seed, backgrounds=[background]))
+    x = torch.from_numpy(drawn).to(next(autoencoder.parameters()).device)
+    decoded = autoencoder.decode(autoencoder.encode(x).mean)
     return sum(map(fidelity, read_scenes(((decoded + 1) / 2).clamp(0, 1).cpu()))) / n
 
 
