@@ -52,8 +52,8 @@ def main(argv=None):
 
     with one_line_errors(debug=False):
         if not os.path.isfile(opt.ckpt):
-            raise FileNotFoundError(f"toy model {opt.ckpt} not found: `git checkout {TOY_CKPT}` restores the shipped one, "
-                                    "`python scripts/train_toy_base.py` retrains it (about 25 minutes)")
+            raise FileNotFoundError(f"toy model {opt.ckpt} not found: `git checkout {TOY_CKPT}` restores the shipped one; "
+                                    "README, \"The toy world\", has the command that retrains it (about 15 minutes)")
     if not os.path.isdir(opt.data_root):
         write_concept_folder(opt.data_root)
     print(f"Concept: {opt.data_root} (5 images of a circle striped {' and '.join(CONCEPT_STRIPES)}; captions: `circle`)")

@@ -2,7 +2,7 @@
 """The paper's comparison in miniature, on the toy world: CatVersion (layers 9-11) vs Textual Inversion vs
 CatVersion on shallow layers (0-2), each trained on the demo concept with a few seeds, scored with the toy metrics.
 
-    python scripts/toy_benchmark.py            # about 10 minutes on 2 CPU cores
+    python scripts/toy_benchmark.py            # about 5 minutes on 2 CPU cores
 
 Per method and seed: train through main.py (seed s), sample every prompt from seed s with and without the learned
 concept, and score (ldm/evaluation/toy_metrics.py): fidelity and background editability on the `circle` prompts,
