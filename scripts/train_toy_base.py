@@ -282,7 +282,8 @@ def main(argv=None):
                    help="train the text encoder with the UNet at this peak learning rate (0: it stays as drawn)")
     p.add_argument("--vae_from", default=None,
                    help="take the (trained) VAE from this toy checkpoint instead of training one (text-encoder and UNet "
-                        "experiments; the VAE depends only on the seed, --stripe_p and the --vae_* options)")
+                        "experiments; the VAE depends only on the seed, --stripe_p, the --vae_* options and the concept the world "
+                        "leaves out)")
     p.add_argument("--fp32", action="store_true", help="write fp32 weights (default fp16, as shipped)")
     opt = p.parse_args(argv)
     start = time.time()
