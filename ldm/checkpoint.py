@@ -152,7 +152,7 @@ def load_checkpoint_into(model, path, verbose=True):
 def save_checkpoint(model, path, dtype=None, extra=None):
     """Write `model` as an SD v1 checkpoint (`.ckpt` with a `state_dict`, or `.safetensors`), atomically."""
     path = os.fspath(path)
-    state = keys_to_sd({k: v.detach().to(dtype) if dtype and v.is_floating_point() else v.detach()
+    state = keys_to_sd({k: v.detach().cpu().to(dtype) if dtype and v.is_floating_point() else v.detach().cpu()
                         for k, v in model.state_dict().items()})
     state.update(extra or {})
     state = {k: v.contiguous() for k, v in state.items()}

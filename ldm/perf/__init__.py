@@ -1,0 +1,1 @@
+"""Measuring speed and memory: training-step variants, sampling against diffusers, many concepts per step, loading."""

@@ -1,0 +1,61 @@
+"""The real training loop, timed: `main.py -t` for a few hundred steps, per-step time read off its checkpoints.
+
+Everything a user's run does is in the figure: Lightning's loop, the data loader, logging to the progress bar,
+TensorBoard and CSV every step, the non-finite-loss guard, the adapter snapshots. The run saves an adapter snapshot
+every `every` steps; the time per step is the spread of those snapshots' file times divided by the steps between
+them, and the wall time of 1000 steps is projected as (process wall time - steps x per-step) + 1000 x per-step,
+i.e. the run's fixed cost (start-up, model build, first steps, saving) plus 1000 steady steps. Sample grids are off
+(`batch_frequency=0`); a real 1000-step run adds two of them (steps 500 and 1000), reported separately.
+"""
+import glob
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+
+def write_photos(folder, n, size, seed=0):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
+    return folder
+
+
+def main_py():
+    spec = importlib.util.find_spec("main")
+    if spec is None or not spec.origin:
+        raise ValueError("main.py not found; run from the project's folder")
+    return spec.origin
+
+
+def run(config_path, workdir, size, steps, every, gpu, overrides=()):
+    data = write_photos(os.path.join(workdir, "photos"), 4, size)
+    logdir = os.path.join(workdir, "logs")
+    argv = [sys.executable, main_py(), "--base", config_path, "-t", "--data_root", data, "--init_word", "teddybear",
+            "--logdir", logdir, "--seed", "0"] + (["--gpus", "0,"] if gpu else []) + [
+        f"lightning.trainer.max_steps={steps}", f"lightning.modelcheckpoint.params.every_n_train_steps={every}",
+        "lightning.callbacks.image_logger.params.batch_frequency=0", f"data.params.train.params.size={size}",
+        *overrides]
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"main.py exited {done.returncode}: {tail}")
+    snapshots = sorted(glob.glob(os.path.join(logdir, "*", "checkpoints", "adapter_gs-*", "catversion.safetensors")),
+                       key=lambda p: int(re.search(r"adapter_gs-(\d+)", p).group(1)))
+    if len(snapshots) < 2:
+        raise RuntimeError(f"expected adapter snapshots every {every} steps, found {len(snapshots)}")
+    first, last = snapshots[0], snapshots[-1]
+    span = int(re.search(r"adapter_gs-(\d+)", last).group(1)) - int(re.search(r"adapter_gs-(\d+)", first).group(1))
+    per_step = (os.path.getmtime(last) - os.path.getmtime(first)) / span
+    return {"steps": steps, "snapshot_every": every, "process_wall_s": wall, "step_s": per_step,
+            "fixed_s": wall - steps * per_step, "projected_1000_steps_s": wall - steps * per_step + 1000 * per_step,
+            "overrides": list(overrides), "lr_line": next((line for line in done.stdout.splitlines()
+                                                           if "learning rate" in line.lower()), "")}

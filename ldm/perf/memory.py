@@ -1,0 +1,46 @@
+"""Peak memory of a piece of work: CUDA's allocator statistics on a GPU, the process's peak resident set on the host."""
+import resource
+
+import torch
+
+
+def reset_peak(device):
+    """Start a new peak; False where the platform cannot reset it (the next reading is then the process's peak)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    return reset_host_peak()
+
+
+def peak_mb(device):
+    """MiB: CUDA max allocated since the last reset, or the host's peak resident set (weights and libraries included)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return host_peak_mb()
+
+
+def reset_host_peak():
+    try:  # Linux: "5" resets the peak resident set size to the current one
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def host_peak_mb():
+    return _status_mb("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def host_current_mb():
+    return _status_mb("VmRSS:")
+
+
+def _status_mb(field):
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+    except (OSError, StopIteration):
+        return None

@@ -1,0 +1,173 @@
+"""Training steps of one model under the options a user can choose, timed in turn on the same inputs.
+
+A variant is a set of `model.params.fast` options plus two switches the reference never had: fused attention
+(the reference-equivalent path forces PyTorch's plain "math" attention) and TF32 matrix products. Each variant's
+figure is the mean over `steps` consecutive steps with one device synchronisation at the end, as a training loop
+runs them (a sync after every step would hide the overlap of Python with the GPU); peak memory is CUDA's max
+allocated over those steps (weights included), or on a CPU the process's peak resident set.
+"""
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ldm.models.diffusion.ddpm import q_sample
+from ldm.modules.encoders.concat_kv import ConcatKV
+from ldm.perf.memory import peak_mb, reset_peak
+
+CAPTION = "teddybear"
+# What the reference does: every network every step, fp32, plain attention, nothing cached, nothing recomputed.
+REFERENCE_FAST = {"cache_latents": False, "cache_text": False, "precision": "fp32", "gradient_checkpointing": False,
+                  "channels_last": False, "compile": False}
+
+
+@dataclass
+class Variant:
+    name: str
+    fast: dict
+    math_attention: bool = False
+    tf32: bool = False
+
+    @property
+    def compiled(self):
+        return bool(self.fast.get("compile"))
+
+
+def fast(precision, checkpointing, compile=False):
+    return {"cache_latents": True, "cache_text": True, "precision": precision, "gradient_checkpointing": checkpointing,
+            "channels_last": "auto", "compile": compile}
+
+
+def standard_variants(with_compile=True):
+    """The reference-equivalent path, then the fast path in fp32 (with and without TF32) and bf16, each with and
+    without gradient checkpointing; compiled variants last (they cost minutes of compilation)."""
+    variants = [Variant("reference", REFERENCE_FAST, math_attention=True)]
+    for precision in ("fp32", "bf16"):
+        for checkpointing in (False, True):
+            name = f"fast {precision}" + (" + checkpointing" if checkpointing else "")
+            variants.append(Variant(name, fast(precision, checkpointing)))
+    variants.append(Variant("fast fp32 + TF32", fast("fp32", False), tf32=True))
+    if with_compile:
+        variants.append(Variant("fast bf16 + compile", fast("bf16", False, compile=True)))
+        variants.append(Variant("fast bf16 + checkpointing + compile", fast("bf16", True, compile=True)))
+    return variants
+
+
+def make_batch(batch_size, H, W, device, seed=0, first_index=0):
+    """Random images in [-1, 1] as PersonalizedBase yields them (b, H, W, 3), one caption, cache keys."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": (torch.rand(batch_size, H, W, 3, generator=g) * 2 - 1).to(device),
+        "caption": [CAPTION] * batch_size,
+        "index": list(range(first_index, first_index + batch_size)),
+        "flip": [i % 2 == 1 for i in range(batch_size)],
+    }
+
+
+def use_variant(model, variant):
+    """Switch `model` (on its device) to `variant`'s options; returns the attention context to train under."""
+    model.fast = model.check_fast_options(variant.fast)
+    if variant.compiled:  # a fresh compilation: guards of an earlier one were taken with other module settings
+        torch._dynamo.reset()
+        object.__setattr__(model, "_compiled_unet", None)
+    model.prepare_fast_path()
+    torch.backends.cuda.matmul.allow_tf32 = variant.tf32
+    return sdpa_kernel(SDPBackend.MATH) if variant.math_attention else nullcontext()
+
+
+def train_step(model, optimizer, batch):
+    optimizer.zero_grad(set_to_none=True)
+    loss = model.shared_step(batch)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(step, n, device):
+    """Mean seconds per call over `n` back-to-back calls of `step()`, one synchronisation at the end."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / n
+
+
+def measure_variant(model, optimizer, batch, variant, steps, warmup):
+    """{"step_s", "peak_mb", "warmup_s"} of `variant`'s training step."""
+    device = model.device
+    attention = use_variant(model, variant)
+    try:
+        with attention:
+            start = time.perf_counter()
+            for _ in range(warmup):  # fills the caches, tunes cuDNN, compiles
+                train_step(model, optimizer, batch)
+            synchronize(device)
+            warmup_s = time.perf_counter() - start
+            reset_peak(device)
+            step_s = timed_steps(lambda: train_step(model, optimizer, batch), steps, device)
+            peak = peak_mb(device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return {"step_s": step_s, "peak_mb": peak, "warmup_s": warmup_s, "steps": steps, "warmup": warmup}
+
+
+# --- many concepts in one step ---------------------------------------------------------------------------------
+def concept_adapters(model, n, seed=0):
+    """`n` independent CatVersion adapters shaped as the model's own (each a concept of its own)."""
+    like = model.cond_stage_model.adapters[0]
+    torch.manual_seed(seed)
+    adapters = [ConcatKV(like.width, like.heads, like.layers, like.num_tokens, logit_bias=like.logit_bias)
+                for _ in range(n)]
+    return [a.to(model.device).requires_grad_(True) for a in adapters]
+
+
+def multi_concept_loss(model, adapters, batch):
+    """One step's loss for len(adapters) concepts: each concept's `b` images conditioned through its own adapter,
+    the UNet run once over all of them; the sum of the per-concept mean losses, so that each adapter receives
+    exactly the gradient of its own single-concept step."""
+    enc = model.cond_stage_model
+    z = model.get_first_stage_encoding(model._posterior(batch))
+    n = len(adapters)
+    b = z.shape[0] // n
+    t = torch.randint(0, model.num_timesteps, (z.shape[0],), device=model.device)
+    noise = torch.randn_like(z)
+    saved = enc._adapters
+    try:
+        conds = []
+        for adapter in adapters:
+            enc._adapters = [adapter]
+            conds.append(model.get_training_conditioning(batch["caption"][:b]))
+    finally:
+        enc._adapters = saved
+    eps = model.apply_model(q_sample(z, t, noise, model.alphas_cumprod), t, torch.cat(conds))
+    per_image = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
+    return per_image.view(n, b).mean(1).sum()
+
+
+def measure_concepts(model, n, batch_size, H, W, steps, warmup, lr=1e-3):
+    """Step time and peak memory of `n` concepts trained in one step (batch_size images each)."""
+    device = model.device
+    model.clear_fast_caches()
+    adapters = concept_adapters(model, n)
+    optimizer = torch.optim.AdamW([a.control_trans for a in adapters], lr=lr)
+    batch = make_batch(n * batch_size, H, W, device, seed=n)
+    batch["caption"] = [CAPTION] * (n * batch_size)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        multi_concept_loss(model, adapters, batch).backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    reset_peak(device)
+    step_s = timed_steps(step, steps, device)
+    return {"concepts": n, "step_s": step_s, "peak_mb": peak_mb(device), "images_per_step": n * batch_size}
