@@ -20,6 +20,8 @@ from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (reference c
 from ldm.callbacks import AdapterCheckpoint, ContinuingCSVLogger, ImageLogger, TrainingGuard  # noqa: F401  (and `main.ImageLogger`)
 from ldm.util import one_line_errors
 
+LOG_EVERY_N_STEPS = 10  # when a config sets no lightning.trainer.log_every_n_steps
+
 
 class TrainingStopped(Exception):
     """Training ended early but cleanly (signal, non-finite loss); carries the exit code."""
@@ -222,7 +224,7 @@ def run(opt, unknown, extra_callbacks=()):
     """Set up (and with -t, train) a run; returns (run folder, model)."""
     import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from ldm.checkpoint import check_exists, load_checkpoint_into
@@ -276,21 +278,24 @@ def run(opt, unknown, extra_callbacks=()):
     adapter_checkpoint = AdapterCheckpoint(
         ckptdir, every_n_train_steps=every, base_class_word=config.data.params.train.params.get("base_class_word"))
     guard = TrainingGuard(adapter_checkpoint)
+    trainer_kwargs = dict(OmegaConf.to_container(trainer_config, resolve=True))
+    trainer_kwargs.pop("gpus", None)
+    # Reading the loss for the progress bar and the loggers waits for the GPU; every 10 steps it costs little.
+    trainer_kwargs.setdefault("log_every_n_steps", LOG_EVERY_N_STEPS)
     callbacks = [
+        guard,  # first: it settles the last step's loss check before anything below saves
+        TQDMProgressBar(refresh_rate=trainer_kwargs["log_every_n_steps"]),
         # No version counter: AdapterCheckpoint has just written last.ckpt when this one saves it at the end, and a
         # stray `last-v1.ckpt` beside it would be a second "last" checkpoint.
         ModelCheckpoint(dirpath=ckptdir, filename="{epoch:06}-{step:09}", every_n_train_steps=every, save_last=True,
                         save_top_k=-1, enable_version_counter=False),
         adapter_checkpoint,
-        guard,
     ]
     for cb_cfg in lightning_config.get("callbacks", {}).values():
         callbacks.append(instantiate_from_config(cb_cfg))
     callbacks.extend(extra_callbacks)
-    trainer_kwargs = dict(OmegaConf.to_container(trainer_config, resolve=True))
-    trainer_kwargs.pop("gpus", None)
     trainer = pl.Trainer(
-        **{"max_epochs": -1, "log_every_n_steps": 1, **trainer_kwargs},
+        **{"max_epochs": -1, **trainer_kwargs},
         accelerator="gpu" if use_gpu else "cpu",
         devices=ngpu if use_gpu else 1,
         default_root_dir=logdir,

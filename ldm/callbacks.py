@@ -69,14 +69,22 @@ class TrainingGuard(pl.Callback):
     """Ctrl-C / SIGTERM and a non-finite loss end the run cleanly instead of losing it.
 
     A signal lets the current step finish, then training stops normally, so the end-of-training saves
-    (`checkpoints/adapter/`, `checkpoints/last.ckpt`) run; a second Ctrl-C aborts at once. A NaN or infinite loss is
-    caught before its backward pass, so the adapter saved then is the last good one.
+    (`checkpoints/adapter/`, `checkpoints/last.ckpt`) run; a second Ctrl-C aborts at once. A NaN or infinite loss
+    stops the run with the adapter restored to the last numbers that gave a finite loss.
+
+    Why the check looks one step back: reading a flag from the GPU in step k waits for step k to finish, so the host
+    could not queue step k+1 meanwhile (on a fast GPU that idles it for the host's share of every step). Step k's
+    flag is copied to the host without waiting and read in step k+1, by which time it has arrived; a snapshot of the
+    adapter (a few KB, copied on the device) is kept per step, so the restored numbers are the same as with an
+    immediate check. Before anything is saved (snapshots, the end of training, a signal) the pending flag is settled
+    at once, so no file ever holds numbers from a non-finite step.
     """
 
     def __init__(self, adapter_checkpoint):
         self.adapter_checkpoint = adapter_checkpoint
         self.signal = None
         self.last_good = None
+        self._pending = None  # (finite flag on the host, event, adapter snapshot, step, loss) of the newest step
 
     def install(self):
         """Take over SIGINT/SIGTERM; returns a function that gives them back."""
@@ -91,20 +99,51 @@ class TrainingGuard(pl.Callback):
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
+    def on_before_backward(self, trainer, pl_module, loss):
+        params = pl_module.trainable_parameters()
+        loss = loss.detach()
+        finite = torch.isfinite(loss).all()
+        event = None
+        if finite.is_cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(finite, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            finite = host
+        pending, self._pending = self._pending, (finite, event, [p.detach().clone() for p in params], trainer.global_step, loss)
+        if pending is not None:
+            self._settle(pending, params)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        saves = self.adapter_checkpoint.every and step % self.adapter_checkpoint.every == 0
+        if saves or self.signal is not None or (trainer.max_steps > 0 and step >= trainer.max_steps):
+            self.settle(pl_module)
         if self.signal is not None:
             trainer.should_stop = True
 
-    def on_before_backward(self, trainer, pl_module, loss):
-        params = pl_module.trainable_parameters()
-        if not torch.isfinite(loss.detach()).all():
-            if self.last_good is not None:
-                with torch.no_grad():
-                    for p, good in zip(params, self.last_good):
-                        p.copy_(good)
-            raise FloatingPointError(f"the loss is {loss.item()} at step {trainer.global_step}")
-        # the numbers that just gave a finite loss: a few KB, copied on the device without a sync
-        self.last_good = [p.detach().clone() for p in params]
+    def on_train_end(self, trainer, pl_module):
+        self.settle(pl_module)
+
+    def settle(self, pl_module):
+        """Read the newest step's flag now (waiting for it); raise FloatingPointError if its loss was not finite."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._settle(pending, pl_module.trainable_parameters())
+
+    def _settle(self, pending, params):
+        finite, event, snapshot, step, loss = pending
+        if event is not None:
+            event.synchronize()
+        if bool(finite):
+            self.last_good = snapshot
+            return
+        self._pending = None
+        if self.last_good is not None:
+            with torch.no_grad():
+                for p, good in zip(params, self.last_good):
+                    p.copy_(good)
+        raise FloatingPointError(f"the loss is {loss.item()} at step {step}")
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, FloatingPointError) and trainer.is_global_zero:
