@@ -6,6 +6,7 @@ The text encoder's keys follow transformers 4.x (`...transformer.text_model.embe
 dropped the `text_model` level, so keys are mapped on the way in and out.
 """
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -45,9 +46,7 @@ def read_state_dict(path):
     check_exists(path)
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path, device="cpu")
+            return read_safetensors(path)
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # a pickle carrying code; or a truncated zip, garbage bytes, a bad safetensors header, ...
         wanted = refused_pickle_reason(e)
@@ -65,6 +64,39 @@ def read_state_dict(path):
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors; pass an SD v1.x checkpoint")
     return obj
+
+
+# safetensors' dtype names.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """The tensors of a `.safetensors` file as views of one private, lazily read mapping of it: nothing is copied.
+
+    safetensors' own `load_file` copies every tensor out of its mapping, so a 4 GB file briefly holds 8 GB of the
+    process's memory; here a page is read from disk only when its tensor is used (moving the model to a GPU reads
+    each once). The library still reads and checks the header; only the mapping is ours. A file whose layout we
+    cannot map (an unknown dtype, an unaligned tensor) is read by the library instead."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt", device="cpu") as f:  # validates the header: offsets, sizes, dtypes
+        keys = list(f.keys())
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
+    out = {}
+    for key in keys:
+        entry = header[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        start = 8 + n + entry["data_offsets"][0]
+        if dtype is None or start % dtype.itemsize:
+            return load_file(path, device="cpu")
+        out[key] = torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, tuple(entry["shape"]))
+    return out
 
 
 def check_exists(path):
@@ -138,11 +170,15 @@ def check_fits(model_state, ckpt_state, path):
 
 
 def load_checkpoint_into(model, path, verbose=True):
-    """Load an SD-format checkpoint strictly into `model` (a LatentDiffusion) and remember its fingerprint."""
+    """Load an SD-format checkpoint strictly into `model` (a LatentDiffusion) and remember its fingerprint.
+
+    The file's tensors become the model's (assigned, not copied: a `.ckpt` or `.safetensors` is mapped, so its pages
+    are read only when used), cast to the model's dtype where the file holds another (e.g. fp16 weights into an
+    fp32 model). The model's own initial tensors are freed, so loading never holds two copies of the weights."""
     ckpt_state = keys_from_sd(read_state_dict(path))
     model_state = model.state_dict()
     check_fits(model_state, ckpt_state, path)
-    model.load_state_dict({k: ckpt_state[k] for k in model_state}, strict=True)
+    model.load_state_dict({k: ckpt_state[k].to(v.dtype) for k, v in model_state.items()}, strict=True, assign=True)
     model.base_fingerprint = fingerprint(path)
     if verbose:
         print(f"Loaded {len(model_state)} tensors from {path}")
