@@ -10,7 +10,7 @@ rewritten after every section; sections that would not fit in --budget_s are ski
 """
 import argparse
 
-from ldm.perf.gpu_report import run
+from ldm.perf.gpu_report import SECTIONS, run
 from ldm.util import one_line_errors
 
 
@@ -28,6 +28,8 @@ def get_parser():
     p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps per sample")
     p.add_argument("--lightning_steps", type=int, default=200, help="steps of the main.py run")
     p.add_argument("--lightning_every", type=int, default=50, help="adapter snapshot interval of the main.py run")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help="comma-separated sections to run, in this order: " + ",".join(SECTIONS))
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variants")
     p.add_argument("--budget_s", type=float, default=480, help="time budget; sections that would not fit are skipped")
     p.add_argument("--lightning_needs_s", type=float, default=120, help=argparse.SUPPRESS)

@@ -181,6 +181,28 @@ def test_bf16_autocasts_the_unet_and_keeps_the_adapter_fp32(tiny_finetune_model,
     assert cosine > 0.9, cosine
 
 
+def test_bf16_holds_unet_weights_in_bf16_with_the_same_numbers(tiny_finetune_model, data):
+    """Holding the frozen UNet's conv/linear weights in bf16 computes bit for bit what autocast computes from fp32
+    weights (it casts them at every use); the time embedding stays fp32 so that the text context's gradient is
+    still summed in fp32."""
+    import copy
+
+    held = tiny_finetune_model.train()
+    batch = make_batch(data, [(0, False), (1, True)])
+    autocast_only = copy.deepcopy(held)
+    autocast_only.fast = autocast_only.check_fast_options({"precision": "bf16"})  # no prepare_fast_path: fp32 weights
+    use(held, precision="bf16")
+    unet = held.model.diffusion_model
+    assert unet.input_blocks[0][0].weight.dtype == unet.out[2].weight.dtype == torch.bfloat16
+    assert unet.time_embed[0].weight.dtype == torch.float32 and unet.out[0].weight.dtype == torch.float32  # norm
+    assert {p.dtype for p in autocast_only.model.parameters()} == {torch.float32}
+    loss, grad = train_step(held, batch, seed=5)
+    ref_loss, ref_grad = train_step(autocast_only, batch, seed=5)
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+    use(held, precision="fp32")  # back to fp32 weights (with their bf16 rounding)
+    assert unet.input_blocks[0][0].weight.dtype == torch.float32
+
+
 def test_bad_fast_options_are_refused(tiny_finetune_model):
     m = tiny_finetune_model
     with pytest.raises(ValueError, match=r"unknown fast option\(s\) \['cache_latent'\]; known: \['cache_latents'"):

@@ -20,7 +20,8 @@ def test_dry_run_on_cpu_writes_every_section(tmp_path):
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((out / "gpu_report.json").read_text())
-    for section in ("environment", "training", "profile", "concepts", "sampling", "lightning_run", "loading"):
+    for section in ("environment", "training", "profile", "concepts", "sampling", "lightning_run", "loading",
+                    "lightning_every_step"):
         assert "error" not in data[section] and "skipped" not in data[section], (section, data[section])
     train = data["training"]
     assert set(train) == {"reference", "fast fp32", "fast fp32 + checkpointing", "fast bf16", "fast bf16 + checkpointing",
@@ -34,9 +35,10 @@ def test_dry_run_on_cpu_writes_every_section(tmp_path):
     run = data["lightning_run"]
     assert run["projected_1000_steps_s"] == pytest.approx(run["fixed_s"] + 1000 * run["step_s"])
     assert "2 (batchsize)" in run["lr_line"]
+    assert data["lightning_every_step"]["overrides"][-1] == "lightning.trainer.log_every_n_steps=1"
     for fmt in ("ckpt", "safetensors", "diffusers folder"):
         assert data["loading"][fmt]["weights_mb"] > 0 and data["loading"][fmt]["load_s"] > 0
-    assert data["compiled: fast bf16 + compile"] == {"skipped": "--no-compile"}
+    assert data["compile: fast bf16 + compile"] == {"skipped": "--no-compile"}
     md = (out / "gpu_report.md").read_text()
     for heading in ("## Training step", "## Sampling", "## Many concepts", "## A whole concept", "## Loading"):
         assert heading in md
@@ -52,3 +54,13 @@ def test_no_cuda_device_is_one_line(tmp_path):
         "error: no CUDA device is present; run this on a machine with an NVIDIA GPU, or pass --device cpu "
         "--config configs/tiny/v1-finetune.yaml for a dry run"]
     assert not os.listdir(tmp_path)
+
+
+def test_unknown_section_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_report.py"), "--device", "cpu",
+                           "--config", "configs/tiny/v1-finetune.yaml", "--sections", "training,sampl",
+                           "--out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown --sections ['sampl']; choose from "
+        "training,profile,concepts,sampling,lightning_run,loading,lightning_every_step,compile"]

@@ -8,7 +8,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from omegaconf import OmegaConf
 from ldm.perf import lightning_run, loading, sampling, training
 from ldm.util import atomic_write, instantiate_from_config
 
+SECTIONS = ("training", "profile", "concepts", "sampling", "lightning_run", "loading", "lightning_every_step", "compile")
 GOALS = {
     "train_speedup": 3.0,  # fast path / reference-equivalent path, 512x512 batch 2
     "train_peak_mb": 6144,  # peak training memory at batch 2
@@ -185,7 +185,7 @@ def markdown(data):
     train = data.get("training", {})
     if isinstance(train, dict) and "error" not in train and "skipped" not in train:
         for key, rows in data.items():  # the compiled variants, each a section of its own
-            if key.startswith("compiled: ") and "error" not in rows and "skipped" not in rows:
+            if key.startswith("compile: ") and "error" not in rows and "skipped" not in rows:
                 train = {**train, **rows}
         ref = train.get("reference", {}).get("step_s")
         lines += ["## Training step", "",
@@ -216,6 +216,10 @@ def markdown(data):
                   f"{_ms(run['step_s'])} ms per step (adapter snapshots every {run['snapshot_every']} steps), fixed cost "
                   f"{run['fixed_s']:.1f} s (start-up, model build, first steps, saving); **1000 steps: "
                   f"{run['projected_1000_steps_s']:.0f} s** projected, without the two sample grids a default run adds.", ""]
+        every = data.get("lightning_every_step", {})
+        if "step_s" in every:
+            lines += [f"The same run reading the loss every step (`log_every_n_steps=1`): {_ms(every['step_s'])} ms per "
+                      f"step, 1000 steps {every['projected_1000_steps_s']:.0f} s.", ""]
     samp = data.get("sampling", {})
     if isinstance(samp, dict) and samp and "error" not in samp and "skipped" not in samp:
         lines += ["## Sampling: 50 guided DDIM steps, prompt to decoded image", "",
@@ -275,44 +279,48 @@ def run(opt):
     def left():
         return opt.budget_s - (time.perf_counter() - start)
 
+    sections = set(opt.sections.split(","))
+    unknown = sections - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown --sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     report = Report(opt.out_dir, opt)
     report.section("environment", environment, device)
+
+    def section(name, needs_s, fn, *args):
+        """Run a chosen section if what is left of the budget covers what it needs; else say it was skipped."""
+        if name.split(":")[0] not in sections:
+            return
+        if left() < needs_s:
+            report.skip(name, f"{left():.0f} s of the budget left, it needs about {needs_s:.0f}")
+        else:
+            report.section(name, fn, *args)
+
     config = OmegaConf.load(opt.config)
     t0 = time.perf_counter()
     model = build_model(config, device)
     report.data["model_build_s"] = time.perf_counter() - t0
     cuda = device.type == "cuda"
-    variants = training.standard_variants(with_compile=False)
     best = training.Variant("fast bf16" if cuda else "fast fp32", training.fast("bf16" if cuda else "fp32", False))
-    report.section("training", training_section, model, opt, variants)
-    report.section("profile", profile_section, model, opt, best)
-    report.section("concepts", concepts_section, model, opt, best, opt.concepts)
-    report.section("sampling", sampling_section, model, config, opt, opt.sample_batches)
-    workdir = tempfile.mkdtemp(prefix="gpu-report-")
-    try:
-        if left() > opt.lightning_needs_s:
-            overrides = [f"model.params.fast.precision={best.fast['precision']}",
-                         "model.params.fast.gradient_checkpointing=false"]
-            report.section("lightning_run", lightning_run.run, opt.config, os.path.join(workdir, "run"), opt.H,
-                           opt.lightning_steps, opt.lightning_every, cuda, overrides)
-        else:
-            report.skip("lightning_run", f"{left():.0f} s of the budget left")
-        if left() > opt.loading_needs_s:
-            report.section("loading", loading.measure_formats, model, config, inference_config_for(opt.config),
-                           os.path.join(workdir, "formats"), device)
-        else:
-            report.skip("loading", f"{left():.0f} s of the budget left")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    section("training", 0, training_section, model, opt, training.standard_variants(with_compile=False))
+    section("profile", 0, profile_section, model, opt, best)
+    section("concepts", 0, concepts_section, model, opt, best, opt.concepts)
+    section("sampling", 0, sampling_section, model, config, opt, opt.sample_batches)
+    overrides = [f"model.params.fast.precision={best.fast['precision']}", "model.params.fast.gradient_checkpointing=false"]
+    with tempfile.TemporaryDirectory(prefix="gpu-report-") as workdir:
+        section("lightning_run", opt.lightning_needs_s, lightning_run.run, opt.config, os.path.join(workdir, "run"),
+                opt.H, opt.lightning_steps, opt.lightning_every, cuda, overrides)
+        section("loading", opt.loading_needs_s, loading.measure_formats, model, config, inference_config_for(opt.config),
+                os.path.join(workdir, "formats"), device)
+        # The loop's price for reading the loss every step (progress bar, loggers): the same run, logging every step.
+        section("lightning_every_step", opt.lightning_needs_s, lightning_run.run, opt.config,
+                os.path.join(workdir, "every"), opt.H, opt.lightning_steps, opt.lightning_every, cuda,
+                overrides + ["lightning.trainer.log_every_n_steps=1"])
     # Last: each compilation costs minutes, and nothing else waits on it.
     for variant in [v for v in training.standard_variants(with_compile=True) if v.compiled]:
-        name = "compiled: " + variant.name
-        if not opt.compile:
-            report.skip(name, "--no-compile")
-        elif left() < opt.compile_needs_s:
-            report.skip(name, f"{left():.0f} s of the budget left, a compilation needs about {opt.compile_needs_s:.0f}")
-        else:
-            report.section(name, training_section, model, opt, [variant])
+        if opt.compile:
+            section("compile: " + variant.name, opt.compile_needs_s, training_section, model, opt, [variant])
+        elif "compile" in sections:
+            report.skip("compile: " + variant.name, "--no-compile")
     report.data["total_s"] = time.perf_counter() - start
     report.write()
     print(f"Wrote {os.path.join(opt.out_dir, 'gpu_report.json')} and gpu_report.md in {report.data['total_s']:.0f} s")

@@ -238,10 +238,25 @@ class LatentDiffusion(pl.LightningModule):
                 module.checkpoint = checkpointing
         self._channels_last = self._fast_on("channels_last")
         self.model.to(memory_format=torch.channels_last if self._channels_last else torch.contiguous_format)
+        self._hold_unet_weights(torch.bfloat16 if self.fast_precision() == "bf16" else torch.float32)
         if self.fast["compile"] and self._compiled_unet is None:
             # Kept outside the module tree, so state-dict keys stay free of torch.compile's `_orig_mod.`.
             object.__setattr__(self, "_compiled_unet", torch.compile(self.model))
         return self
+
+    def _hold_unet_weights(self, dtype):
+        """Under bf16 autocast every UNet convolution and linear layer multiplies with the bf16 rounding of its frozen
+        weights, cast anew at every use (autocast caches the casts of trainable tensors only): about 750 cast kernels
+        and 1.7 GB of traffic per SD training step. Holding those weights in bf16 gives the same numbers without the
+        casts, in almost half the memory. Norm weights stay fp32 (the norms run in fp32). Back in fp32 the weights keep
+        their bf16 rounding: reload the model for exact fp32 numbers."""
+        # The time embedding stays fp32: the UNet casts its inputs (and the text context) to that layer's dtype, and
+        # a bf16 context would sum the gradients of its 16 cross-attention uses in bf16 instead of fp32.
+        keep = set(self.model.diffusion_model.time_embed.modules())
+        for module in self.model.modules():
+            if (isinstance(module, (nn.Linear, nn.Conv2d)) and module not in keep
+                    and module.weight.dtype in (torch.float32, torch.bfloat16)):
+                module.to(dtype)
 
     def on_fit_start(self):
         self.clear_fast_caches()
