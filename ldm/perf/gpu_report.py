@@ -109,6 +109,7 @@ def training_section(model, opt, variants):
 
 def profile_section(model, opt, variant):
     """The kernels that dominate one step of `variant` (torch.profiler, device time where there is a device)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     batch = training.make_batch(opt.batch_size, opt.H, opt.W, model.device)
@@ -127,16 +128,24 @@ def profile_section(model, opt, variant):
             training.synchronize(model.device)
         wall = (time.perf_counter() - start) / 2
     events = prof.key_averages()
+    # Device-side entries (kernels, copies) carry the device time; an operator's own "self device time" repeats
+    # its kernels', so the GPU's busy time is summed over the device-side entries alone.
+    on_device = [e for e in events if cuda and e.device_type != DeviceType.CPU]
+    on_host = [e for e in events if e.device_type == DeviceType.CPU]
 
     def device_us(e):
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) if cuda else e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
 
-    total = sum(device_us(e) for e in events) / 2
-    top = sorted(events, key=device_us, reverse=True)[:15]
-    return {"variant": variant.name, "profiled_step_wall_s": wall, "busy_s_per_step": total / 1e6,
-            "device_busy_fraction": total / 1e6 / wall if wall else None,
-            "top": [{"name": e.key[:90], "ms_per_step": device_us(e) / 2e3, "calls_per_step": e.count / 2}
-                    for e in top]}
+    busy = sum(device_us(e) for e in on_device) / 2 / 1e6 if cuda else None
+    top_device = sorted(on_device, key=device_us, reverse=True)[:12]
+    top_host = sorted(on_host, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    return {"variant": variant.name, "profiled_step_wall_s": wall, "device_busy_s_per_step": busy,
+            "device_busy_fraction": busy / wall if busy is not None and wall else None,
+            "host_ops_per_step": sum(e.count for e in on_host) / 2,
+            "top_device": [{"name": e.key[:90], "ms_per_step": device_us(e) / 2e3, "calls_per_step": e.count / 2}
+                           for e in top_device],
+            "top_host": [{"name": e.key[:90], "ms_per_step": e.self_cpu_time_total / 2e3, "calls_per_step": e.count / 2}
+                         for e in top_host]}
 
 
 def concepts_section(model, opt, variant, counts):
@@ -202,13 +211,18 @@ def markdown(data):
                          f"{row['warmup_s']:.1f} |")
         lines.append("")
     prof = data.get("profile", {})
-    if prof.get("top"):
+    if prof.get("top_host"):
+        busy = prof.get("device_busy_s_per_step")
         lines += [f"## Profile of one step ({prof['variant']})", "",
-                  f"Step wall {_ms(prof['profiled_step_wall_s'])} ms under the profiler; device busy "
-                  f"{_ms(prof['busy_s_per_step'])} ms of it ({100 * (prof['device_busy_fraction'] or 0):.0f}%).", "",
-                  "| kernel / op | ms per step | calls per step |", "| --- | --- | --- |"]
-        lines += [f"| `{t['name']}` | {t['ms_per_step']:.2f} | {t['calls_per_step']:.0f} |" for t in prof["top"]]
-        lines.append("")
+                  f"Step wall {_ms(prof['profiled_step_wall_s'])} ms under the profiler, "
+                  f"{prof['host_ops_per_step']:,.0f} operator calls on the host"
+                  + (f"; the device busy {_ms(busy)} ms of it ({100 * prof['device_busy_fraction']:.0f}%)." if busy else "."),
+                  ""]
+        for key, title in (("top_device", "kernel (device time)"), ("top_host", "host operator (self CPU time)")):
+            if prof.get(key):
+                lines += [f"| {title} | ms per step | calls per step |", "| --- | --- | --- |"]
+                lines += [f"| `{t['name']}` | {t['ms_per_step']:.2f} | {t['calls_per_step']:.0f} |" for t in prof[key]]
+                lines.append("")
     run = data.get("lightning_run", {})
     if "step_s" in run:
         lines += ["## A whole concept through `main.py -t`", "",
