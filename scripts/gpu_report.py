@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Measure what a GPU does with CatVersion: training-step variants, a whole 1000-step concept through main.py,
-50-step sampling against diffusers' pipeline, many concepts per step, loading each weights format.
+"""Measure what a GPU (or a CPU) does with CatVersion: training-step variants against the reference-equivalent path
+and diffusers' UNet alone, a whole 1000-step concept through main.py, 50-step sampling against diffusers' pipeline,
+many concepts per step, loading each weights format.
 
     python scripts/gpu_report.py                         # SD v1.5 shapes, 512x512, batch 2, on the GPU
     python scripts/gpu_report.py --device cpu --config configs/tiny/v1-finetune.yaml --H 64 --W 64   # dry run
+    python scripts/gpu_report.py --device cpu --H 256 --W 256 --threads 1 --sections training,diffusers   # SD on a CPU
 
 Weights are random (speed does not depend on their values). Writes gpu_report.json and gpu_report.md to --out_dir,
 rewritten after every section; sections that would not fit in --budget_s are skipped and say so.
@@ -18,6 +20,8 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/stable-diffusion/v1-finetune.yaml", help="finetune config (its shapes)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's). On a CPU shared with other work, 1 keeps timings stable")
     p.add_argument("--H", type=int, default=512, help="image height in pixels (a multiple of 64)")
     p.add_argument("--W", type=int, default=512, help="image width in pixels (a multiple of 64)")
     p.add_argument("--batch_size", type=int, default=2, help="images per concept per training step")

@@ -1,6 +1,4 @@
-"""The training fast path: caches and switches that leave the numbers as the reference path computes them,
-and scripts/benchmark.py."""
-import json
+"""The training fast path: caches and switches that leave the numbers as the reference path computes them."""
 import random
 
 import numpy as np
@@ -230,31 +228,3 @@ def test_cache_keys_leave_the_gpu_alone(tiny_finetune_model, data):
     """Lightning moves batches to the device after this hook: the keys must be Python values by then."""
     batch = tiny_finetune_model.on_before_batch_transfer(make_batch(data, [(4, True), (0, False)]), 0)
     assert batch["index"] == [4, 0] and batch["flip"] == [True, False]
-
-
-def test_benchmark_writes_its_figures(tmp_path, capsys):
-    from scripts.benchmark import main
-
-    out = tmp_path / "bench.json"
-    main(["--config", TINY_FINETUNE, "--H", "64", "--W", "64", "--batch_size", "1", "--steps", "2", "--device", "cpu",
-          "--memory", "inline", "--out", str(out)])
-    result = json.loads(out.read_text())
-    for path in ("reference", "fast", "diffusers"):
-        for key in ("train_step_s", "sample_step_s", "peak_mem_mb"):
-            assert result[f"{path}_{key}"] > 0
-        assert len(result[f"{path}_train_step_all_s"]) == 2
-    assert result["train_speedup"] == pytest.approx(result["reference_train_step_s"] / result["fast_train_step_s"])
-    assert "train speedup (reference / fast)" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["--config", TINY_FINETUNE, "--H", "60", "--W", "64"])
-    assert "use positive multiples of 64" in capsys.readouterr().err
-
-
-def test_benchmark_measures_peak_memory_in_a_fresh_process():
-    """The default --memory mode: the child process builds the model, runs two training steps and reports its peak."""
-    from scripts.benchmark import get_parser, memory_in_fresh_process
-
-    opt = get_parser().parse_args(["--config", TINY_FINETUNE, "--H", "64", "--W", "64", "--batch_size", "1",
-                                   "--device", "cpu", "--threads", "1"])
-    weights_mb = 17.6e6 * 4 / 2**20  # the tiny model's parameters in fp32
-    assert memory_in_fresh_process(opt, "reference") > weights_mb

@@ -20,13 +20,14 @@ def test_dry_run_on_cpu_writes_every_section(tmp_path):
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((out / "gpu_report.json").read_text())
-    for section in ("environment", "training", "profile", "concepts", "sampling", "lightning_run", "loading",
+    for section in ("environment", "training", "diffusers", "profile", "concepts", "sampling", "lightning_run", "loading",
                     "lightning_every_step"):
         assert "error" not in data[section] and "skipped" not in data[section], (section, data[section])
     train = data["training"]
     assert set(train) == {"reference", "fast fp32", "fast fp32 + checkpointing", "fast bf16", "fast bf16 + checkpointing",
                           "fast fp32 + TF32"}
     assert all(row["step_s"] > 0 and row["peak_mb"] > 0 for row in train.values())
+    assert data["diffusers"]["diffusers UNet alone (fp32)"]["step_s"] > 0
     # many concepts: the speed-up is computed from the step times it reports
     c1, c2 = data["concepts"]["1"], data["concepts"]["2"]
     assert c2["images_per_step"] == 4 and c2["speedup_vs_sequential"] == pytest.approx(2 * c1["step_s"] / c2["step_s"])
@@ -42,7 +43,7 @@ def test_dry_run_on_cpu_writes_every_section(tmp_path):
     md = (out / "gpu_report.md").read_text()
     for heading in ("## Training step", "## Sampling", "## Many concepts", "## A whole concept", "## Loading"):
         assert heading in md
-    assert "| reference |" in md and "| fast bf16 |" in md
+    assert "| reference |" in md and "| fast bf16 |" in md and "| diffusers UNet alone (fp32) |" in md
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -63,4 +64,4 @@ def test_unknown_section_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: unknown --sections ['sampl']; choose from "
-        "training,profile,concepts,sampling,lightning_run,loading,lightning_every_step,compile"]
+        "training,diffusers,profile,concepts,sampling,lightning_run,loading,lightning_every_step,compile"]

@@ -8,7 +8,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 import traceback
@@ -17,9 +16,10 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.perf import lightning_run, loading, sampling, training
+from ldm.perf.device import synchronize
 from ldm.util import atomic_write, instantiate_from_config
 
-SECTIONS = ("training", "profile", "concepts", "sampling", "lightning_run", "loading", "lightning_every_step", "compile")
+SECTIONS = ("training", "diffusers", "profile", "concepts", "sampling", "lightning_run", "loading", "lightning_every_step", "compile")
 GOALS = {
     "train_speedup": 3.0,  # fast path / reference-equivalent path, 512x512 batch 2
     "train_peak_mb": 6144,  # peak training memory at batch 2
@@ -107,6 +107,14 @@ def training_section(model, opt, variants):
     return out
 
 
+def diffusers_section(model, config, opt, bf16):
+    """diffusers' UNet holding our UNet's tensors: forward and backward alone, the yardstick for the fast path."""
+    training.use_variant(model, training.Variant("weights", training.fast("bf16" if bf16 else "fp32", False)))
+    unet = sampling.diffusers_pipeline(model, config).unet  # shares the tensors, in the dtype the fast path holds
+    name = f"diffusers UNet alone ({'bf16' if bf16 else 'fp32'})"
+    return {name: training.measure_diffusers_unet(unet, model, opt.batch_size, opt.H, opt.W, opt.steps, opt.warmup, bf16)}
+
+
 def profile_section(model, opt, variant):
     """The kernels that dominate one step of `variant` (torch.profiler, device time where there is a device)."""
     from torch.autograd import DeviceType
@@ -120,12 +128,12 @@ def profile_section(model, opt, variant):
     with attention:
         for _ in range(2):
             training.train_step(model, optimizer, batch)
-        training.synchronize(model.device)
+        synchronize(model.device)
         start = time.perf_counter()
         with profile(activities=activities) as prof:
             for _ in range(2):
                 training.train_step(model, optimizer, batch)
-            training.synchronize(model.device)
+            synchronize(model.device)
         wall = (time.perf_counter() - start) / 2
     events = prof.key_averages()
     # Device-side entries (kernels, copies) carry the device time; an operator's own "self device time" repeats
@@ -194,7 +202,7 @@ def markdown(data):
     train = data.get("training", {})
     if isinstance(train, dict) and "error" not in train and "skipped" not in train:
         for key, rows in data.items():  # the compiled variants, each a section of its own
-            if key.startswith("compile: ") and "error" not in rows and "skipped" not in rows:
+            if (key.startswith("compile: ") or key == "diffusers") and "error" not in rows and "skipped" not in rows:
                 train = {**train, **rows}
         ref = train.get("reference", {}).get("step_s")
         lines += ["## Training step", "",
@@ -281,6 +289,8 @@ def inference_config_for(config_path):
 
 def run(opt):
     device = torch.device(opt.device)
+    if opt.threads:
+        torch.set_num_threads(opt.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA device is present; run this on a machine with an NVIDIA GPU, or pass --device cpu "
                          "--config configs/tiny/v1-finetune.yaml for a dry run")
@@ -316,6 +326,7 @@ def run(opt):
     cuda = device.type == "cuda"
     best = training.Variant("fast bf16" if cuda else "fast fp32", training.fast("bf16" if cuda else "fp32", False))
     section("training", 0, training_section, model, opt, training.standard_variants(with_compile=False))
+    section("diffusers", 0, diffusers_section, model, config, opt, best.fast["precision"] == "bf16")
     section("profile", 0, profile_section, model, opt, best)
     section("concepts", 0, concepts_section, model, opt, best, opt.concepts)
     section("sampling", 0, sampling_section, model, config, opt, opt.sample_batches)

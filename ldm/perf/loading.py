@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ldm.perf.memory import host_current_mb, host_peak_mb, reset_host_peak
+from ldm.perf.device import host_current_mb, host_peak_mb, reset_host_peak
 
 
 def write_formats(model, config, folder):

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import keys_to_sd
-from ldm.perf.training import synchronize
+from ldm.perf.device import synchronize
 from ldm.sampling import LATENT_FACTOR, sample_images
 
 PROMPT = "teddybear on the beach"
@@ -75,7 +75,7 @@ def theirs(pipe, model, n, H, W, steps, scale, seed):
     return out.images.float().cpu()
 
 
-def measure(model, config, n, H, W, steps=50, scale=10.0, seed=42, repeats=2):
+def measure(model, config, n, H, W, steps=50, scale=10.0, seed=42, repeats=3):
     """Seconds per 50-step batch for ours and diffusers' pipeline (median of `repeats` after a warm-up each), and
     the largest pixel difference between their images."""
     model.fast = model.check_fast_options({"gradient_checkpointing": False, "channels_last": False, "precision": "fp32"})
@@ -98,5 +98,4 @@ def measure(model, config, n, H, W, steps=50, scale=10.0, seed=42, repeats=2):
     results["ours_over_diffusers"] = results["ours_s"] / results["diffusers_s"]
     results["max_abs_pixel_diff"] = float((images["ours"] - images["diffusers"]).abs().max())
     results.update({"batch": n, "steps": steps, "scale": scale, "precision": "fp32"})
-    del pipe
     return results

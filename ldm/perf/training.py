@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ldm.models.diffusion.ddpm import q_sample
 from ldm.modules.encoders.concat_kv import ConcatKV
-from ldm.perf.memory import peak_mb, reset_peak
+from ldm.perf.device import peak_mb, reset_peak, synchronize, timed_steps
 
 CAPTION = "teddybear"
 # What the reference does: every network every step, fp32, plain attention, nothing cached, nothing recomputed.
@@ -85,21 +85,6 @@ def train_step(model, optimizer, batch):
     loss.backward()
     optimizer.step()
     return loss
-
-
-def synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_steps(step, n, device):
-    """Mean seconds per call over `n` back-to-back calls of `step()`, one synchronisation at the end."""
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - start) / n
 
 
 def measure_variant(model, optimizer, batch, variant, steps, warmup):
@@ -173,3 +158,26 @@ def measure_concepts(model, n, batch_size, H, W, steps, warmup, lr=1e-3):
     reset_peak(device)
     step_s = timed_steps(step, steps, device)
     return {"concepts": n, "step_s": step_s, "peak_mb": peak_mb(device), "images_per_step": n * batch_size}
+
+
+def measure_diffusers_unet(unet, model, batch_size, H, W, steps, warmup, bf16):
+    """diffusers' UNet alone, as a yardstick: forward and backward to the text context (what reaches the adapter),
+    on noise shaped as our step's latents; no VAE, text layers, loss bookkeeping or optimizer."""
+    device = model.device
+    g = torch.Generator().manual_seed(0)
+    shape = (batch_size, model.channels, H // 8, W // 8)
+    x, noise = torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device)
+    t = torch.randint(0, model.num_timesteps, (batch_size,), generator=g).to(device)
+    context = torch.randn(batch_size, 77, unet.config.cross_attention_dim, generator=g).to(device)
+
+    def step():
+        ctx = context.clone().requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            eps = unet(x, t, encoder_hidden_states=ctx).sample
+        torch.nn.functional.mse_loss(eps.float(), noise).backward()
+
+    for _ in range(warmup):
+        step()
+    reset_peak(device)
+    step_s = timed_steps(step, steps, device)
+    return {"step_s": step_s, "peak_mb": peak_mb(device), "warmup_s": 0.0, "steps": steps, "warmup": warmup}

@@ -1,5 +1,7 @@
-"""Peak memory of a piece of work: CUDA's allocator statistics on a GPU, the process's peak resident set on the host."""
+"""Timing and peak memory of work on a device: one synchronisation per timed run; CUDA's allocator statistics on a
+GPU, the process's peak resident set on the host."""
 import resource
+import time
 
 import torch
 
@@ -44,3 +46,19 @@ def _status_mb(field):
             return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
     except (OSError, StopIteration):
         return None
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(step, n, device):
+    """Mean seconds per call over `n` back-to-back calls of `step()`, one synchronisation at the end (a sync after
+    every call would hide the overlap of Python with the GPU that a training loop has)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / n
