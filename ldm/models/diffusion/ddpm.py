@@ -4,7 +4,6 @@ The diffusion math lives in plain functions (`ldm.modules.diffusionmodules.util`
 and the CatVersion mechanism in `ldm.modules.encoders.concat_kv`; this file only wires them together.
 """
 import os
-from contextlib import contextmanager
 
 import pytorch_lightning as pl
 import torch
@@ -66,7 +65,7 @@ class LatentDiffusion(pl.LightningModule):
         parameterization="eps",
         personalization_config=None,
         fast=None,
-        **ignored,  # reference keys without meaning here (monitor, use_ema, log_every_t, ...)
+        **ignored,  # keys of the reference's configs that mean nothing here (monitor, use_ema, log_every_t, ...)
     ):
         super().__init__()
         if parameterization != "eps" or conditioning_key != "crossattn":
@@ -329,10 +328,6 @@ class LatentDiffusion(pl.LightningModule):
                                   unconditional_conditioning=uc, eta=0.0, x_T=x_T, verbose=False)
             out[key] = self.decode_first_stage(z)
         return out
-
-    @contextmanager
-    def ema_scope(self, context=None):  # the reference's samplers enter it; no EMA here
-        yield
 
 
 def _as_list(values):

@@ -89,7 +89,6 @@ class UNetModel(nn.Module):
 
     def __init__(
         self,
-        image_size,
         in_channels,
         model_channels,
         out_channels,
@@ -113,6 +112,7 @@ class UNetModel(nn.Module):
         context_dim=None,
         n_embed=None,
         legacy=True,
+        image_size=None,
     ):
         super().__init__()
         for name, value, expected in [
