@@ -4,6 +4,7 @@ from omegaconf import OmegaConf
 
 from ldm.checkpoint import CheckpointError, fingerprint, keys_to_sd, read_state_dict
 from ldm.util import load_model_from_config
+from ldm.weights import WeightsError
 
 from .conftest import TINY_INFERENCE
 
@@ -62,9 +63,9 @@ def test_bad_checkpoints_give_one_line_errors(tiny_ckpt, tmp_path):
 
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(open(tiny_ckpt, "rb").read()[:100_000])
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(WeightsError) as e:  # unreadable, as opposed to readable but not fitting (CheckpointError)
         _load(truncated)
-    assert "corrupt or truncated" in _one_line(e)
+    assert f"{truncated} is corrupt or truncated (" in _one_line(e) and "; download it again" in _one_line(e)
 
     torch.save({"state_dict": {"encoder.weight": torch.zeros(3)}}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError) as e:
@@ -105,9 +106,9 @@ class _Payload:
 def test_checkpoint_carrying_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Payload(str(marker))}, tmp_path / "evil.ckpt")
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(WeightsError) as e:
         _load(tmp_path / "evil.ckpt")
-    assert "refused because unpickling them could run code" in _one_line(e)
+    assert "refused because unpickling them could run code (it would call io.open)" in _one_line(e)
     assert not marker.exists()
 
 
