@@ -120,9 +120,10 @@ def refused_pickle_reason(err):
     """If `err` is `torch.load(weights_only=True)` refusing a pickle that would call code: what it would call; else None.
 
     torch's message spans a dozen lines with terminal colour codes; the line that matters is
-    `Unsupported global: GLOBAL io.open ...`. Garbage bytes fail differently (`Unsupported operand ...`)."""
-    wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
-    return f"it would call {wanted.group(1)}" if wanted else None
+    `Unsupported global: GLOBAL io.open ...` (or, for modules torch blocks outright, `Trying to load unsupported
+    GLOBAL posix.system ...`). Garbage bytes fail differently (`Unsupported operand ...`)."""
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    return f"it would call {found.group(1)}" if found else None
 
 
 def brief_error(err, limit=120):
