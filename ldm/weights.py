@@ -75,11 +75,11 @@ def read_metadata(path):
 
 def _unreadable(path, err, fix=None):
     """The one pickle-refusal message, or else the one corrupt-file message, for `err` raised reading `path`."""
-    wanted = refused_pickle_reason(err)
+    wanted = _refused_pickle_reason(err)
     if wanted:
         return WeightsError(f"{path} holds pickled Python objects beyond tensors, which are refused because unpickling "
                             f"them could run code ({wanted}); {fix or 'convert it to .safetensors with a tool you trust'}")
-    return WeightsError(f"{path} is corrupt or truncated ({type(err).__name__}: {brief_error(err)}); "
+    return WeightsError(f"{path} is corrupt or truncated ({type(err).__name__}: {_brief_error(err)}); "
                         f"{fix or 'download it again'}")
 
 
@@ -116,7 +116,7 @@ def read_safetensors(path):
     return out
 
 
-def refused_pickle_reason(err):
+def _refused_pickle_reason(err):
     """If `err` is `torch.load(weights_only=True)` refusing a pickle that would call code: what it would call; else None.
 
     torch's message spans a dozen lines with terminal colour codes; the line that matters is
@@ -126,7 +126,7 @@ def refused_pickle_reason(err):
     return f"it would call {found.group(1)}" if found else None
 
 
-def brief_error(err, limit=120):
+def _brief_error(err, limit=120):
     """The gist of an exception's message on one line, without colour codes (for torch's weights-only refusals, the
     unpickler's own complaint rather than the preamble about torch versions)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
