@@ -203,21 +203,14 @@ def resolve_resume(opt):
 
 def check_resumable(path):
     """Read the resumable checkpoint ourselves first: Lightning would fail on a bad one with a bare traceback."""
-    import torch
-
-    from ldm.checkpoint import CheckpointError, brief_error, refused_pickle_reason
+    from ldm.weights import WeightsError, load
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if refused_pickle_reason(e):
-            raise CheckpointError(f"cannot resume: {path} holds pickled Python objects beyond tensors, which are refused "
-                                  f"because unpickling them could run code ({refused_pickle_reason(e)}); this program never "
-                                  "writes such files, start the run again without --resume") from None
-        raise CheckpointError(f"cannot resume: {path} is corrupt or truncated ({type(e).__name__}: {brief_error(e)}); pass an "
-                              "earlier checkpoints/*.ckpt of the run to --resume, or start again without it") from None
+        state = load(path, fix="pass an earlier checkpoints/*.ckpt of the run to --resume, or start again without it")
+    except WeightsError as e:
+        raise WeightsError(f"cannot resume: {e}") from None
     if not isinstance(state, dict) or "global_step" not in state:
-        raise CheckpointError(f"cannot resume: {path} is not a checkpoint of a training run; pass a run folder under logs/")
+        raise WeightsError(f"cannot resume: {path} is not a checkpoint of a training run; pass a run folder under logs/")
 
 
 def run(opt, unknown, extra_callbacks=()):

@@ -112,7 +112,7 @@ def check_adapter_path(path):
 
 
 def check_checkpoint_path(path):
-    from ldm.interop.diffusers_folder import parse_folder_path
+    from ldm.weights import parse_folder_path
 
     if not (os.path.isfile(path) or parse_folder_path(path)):
         raise CheckpointError(f"checkpoint not found: {path}; pass --ckpt_path with an SD v1.x .ckpt/.safetensors, "
@@ -180,14 +180,13 @@ def load_model(config, ckpt_path, device="cpu", embedding_paths=(), strengths=(1
 
 def _adapter_base_fingerprint(path):
     """The base model an adapter was trained on, if its catversion.safetensors metadata records it."""
-    from safetensors import safe_open
+    from ldm.weights import read_metadata
 
     if os.path.isdir(path):
         path = os.path.join(path, OUR_WEIGHTS)
     if not (path.endswith(".safetensors") and os.path.isfile(path)):
         return None
-    with safe_open(path, framework="pt") as f:
-        return (f.metadata() or {}).get("base_fingerprint") or None
+    return read_metadata(path).get("base_fingerprint") or None
 
 
 def _device_and_dtype(model):

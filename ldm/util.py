@@ -1,10 +1,11 @@
 """Config plumbing in the CompVis style: every model is built from a `target:` path and its `params:`."""
 import importlib
-import os
 import sys
 from contextlib import contextmanager
 
 from omegaconf import OmegaConf
+
+from ldm.files import atomic_write  # noqa: F401  (its home is ldm.files; many callers import it from here)
 
 
 def get_obj_from_str(string, reload=False):
@@ -35,22 +36,6 @@ def load_model_from_config(config, ckpt_path=None, device="cpu", verbose=True):
     if ckpt_path is not None:
         load_checkpoint_into(model, ckpt_path, verbose=verbose)
     return model.to(device).eval()
-
-
-def atomic_write(path, write):
-    """Call `write(tmp)` on a temporary name beside `path`, then rename it over `path`: nobody ever sees half a file,
-    and a failure leaves nothing behind."""
-    path = os.fspath(path)
-    folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 @contextmanager

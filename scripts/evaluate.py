@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.evaluation import clip_metrics  # noqa: E402
+from ldm.images import list_images, load_rgb  # noqa: E402
 from ldm.util import atomic_write, one_line_errors  # noqa: E402
 
 MASK_RULE = (
@@ -63,14 +64,14 @@ def run(args):
     # Cheap input checks first, so that a wrong folder, an unreadable image or an output path that cannot be
     # written is reported before CLIP is built (and before anything is written).
     check_writable(out)
-    ref_paths = clip_metrics.list_images(args.ref_dir)
-    gen_paths = clip_metrics.list_images(args.gen_dir)
+    ref_paths = list_images(args.ref_dir)
+    gen_paths = list_images(args.gen_dir)
     ref_masks = gen_masks = None
     if args.ref_masks is not None:
         ref_masks = clip_metrics.load_mask_folder(args.ref_masks, list(ref_paths))
         gen_masks = clip_metrics.load_mask_folder(args.gen_masks, list(gen_paths))
-    ref_images = {stem: clip_metrics.load_image(path) for stem, path in ref_paths.items()}
-    gen_images = {stem: clip_metrics.load_image(path) for stem, path in gen_paths.items()}
+    ref_images = {stem: load_rgb(path) for stem, path in ref_paths.items()}
+    gen_images = {stem: load_rgb(path) for stem, path in gen_paths.items()}
     clip = clip_metrics.load_clip(args.clip_model, args.clip_weights, args.device, args.quick_gelu)
     result = clip_metrics.compute_metrics(
         clip,
@@ -82,7 +83,7 @@ def run(args):
         args.batch_size,
     )
     for row in result["per_image"]:
-        row["image"] = gen_paths[row["image"]].name
+        row["image"] = os.path.basename(gen_paths[row["image"]])
     report = {
         "clip_model": args.clip_model,
         "clip_weights": str(args.clip_weights),

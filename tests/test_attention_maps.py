@@ -7,7 +7,8 @@ from PIL import Image
 
 from ldm import sampling
 from ldm.analysis import attention_maps as am
-from ldm.evaluation.clip_metrics import list_images, load_mask_folder
+from ldm.evaluation.clip_metrics import load_mask_folder
+from ldm.images import list_images
 from ldm.modules.attention import CrossAttention
 from ldm.modules.embedding_manager import EmbeddingManager
 from scripts.attention_maps import main as attention_maps_main

@@ -37,7 +37,6 @@ from PIL import Image
 
 import main
 from ldm.checkpoint import read_state_dict
-from ldm.evaluation import clip_metrics
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import instantiate_from_config
 from scripts import evaluate
@@ -208,7 +207,8 @@ def _main_case(case, argv, t, ckpts):
     """Set up one bad-input case of main.py from the standard `argv`; (argv, expected message)."""
     rest = argv[2:]  # argv without --base
     if case == "data folder missing":
-        return _replace(argv, "--data_root", t / "nowhere"), f"data folder not found: {t / 'nowhere'}; pass --data_root"
+        return (_replace(argv, "--data_root", t / "nowhere"),
+                f"image folder not found: {t / 'nowhere'}; pass a folder of .jpg, .jpeg, .png or .webp images")
     if case == "data folder empty":
         return _replace(argv, "--data_root", _folder(t, "empty", {})), "no images (.jpg, .jpeg, .png, .webp) in"
     if case == "only non-image files":
@@ -252,7 +252,7 @@ def _main_case(case, argv, t, ckpts):
                 f"checkpoint not found: {t / 'v1-5.ckpt'}; pass the path of an SD v1.x")
     if case.startswith("--actual_resume "):
         kind, message = {
-            "truncated": ("truncated", "the file is corrupt or truncated, download it again"),
+            "truncated": ("truncated", "truncated.ckpt is corrupt or truncated ("),
             "not SD": ("non_sd", "has no `model.diffusion_model.*` keys, so it is not a Stable Diffusion v1.x checkpoint"),
             "wrong shape": ("wrong_shape", "shape mismatch for model.diffusion_model.out.2.weight: checkpoint "
                                            "(4, 64, 3, 3), model (4, 32, 3, 3); the checkpoint was made for another model size"),
@@ -268,8 +268,9 @@ def _main_case(case, argv, t, ckpts):
         return ["-t", "--resume", run], f"cannot resume: {run}/checkpoints/last.ckpt is corrupt or truncated"
     if case == "--resume with a last.ckpt carrying code":
         run = _fake_run(t, _saved({"global_step": 4, "payload": _RunsCode(str(t / "pwned"))}))
-        return ["-t", "--resume", run], ("refused because unpickling them could run code (it would call io.open); "
-                                         "this program never writes such files")
+        return ["-t", "--resume", run], (f"cannot resume: {run}/checkpoints/last.ckpt holds pickled Python objects "
+                                         "beyond tensors, which are refused because unpickling them could run code (it "
+                                         "would call io.open); pass an earlier checkpoints/*.ckpt of the run to --resume")
     raise AssertionError(case)
 
 
@@ -284,14 +285,14 @@ def test_main_bad_input(case, tiny_ckpt, example_data, bad_ckpts, tmp_path, caps
 
 
 def test_main_debug_shows_the_traceback(tiny_ckpt, example_data, tmp_path):
-    with pytest.raises(ValueError, match="data folder not found"):
+    with pytest.raises(ValueError, match="image folder not found"):
         main.main(_replace(train_argv(tiny_ckpt, example_data, tmp_path), "--data_root", tmp_path / "nowhere") + ["--debug"])
 
 
 def test_main_bad_input_in_a_real_process(tiny_ckpt, tmp_path):
     proc = run_process("main.py", *train_argv(tiny_ckpt, tmp_path / "nowhere", tmp_path / "logs"))
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert_one_line_error(proc.stderr, f"data folder not found: {tmp_path / 'nowhere'}")
+    assert_one_line_error(proc.stderr, f"image folder not found: {tmp_path / 'nowhere'}")
     assert "Traceback" not in proc.stdout and not (tmp_path / "logs").exists()
 
 
@@ -439,7 +440,7 @@ def txt2img_argv(ckpt, t, *extra):
 # (case, flag, which bad file, expected message)
 TXT2IMG_ERRORS = [
     ("--config nope.yaml", "--config", None, "config not found: nope.yaml; pass --config configs/"),
-    ("--ckpt_path truncated", "--ckpt_path", "truncated", "the file is corrupt or truncated, download it again"),
+    ("--ckpt_path truncated", "--ckpt_path", "truncated", "truncated.ckpt is corrupt or truncated ("),
     ("--ckpt_path not SD", "--ckpt_path", "non_sd", "so it is not a Stable Diffusion v1.x checkpoint"),
     ("--ckpt_path wrong shape", "--ckpt_path", "wrong_shape", "shape mismatch for model.diffusion_model.out.2.weight"),
     ("--ckpt_path SD 2.x", "--ckpt_path", "sd2", "is an SD 2.x/SDXL checkpoint"),
@@ -511,11 +512,11 @@ def _good_images(t):
 def _evaluate_case(case, t):
     """Set up the folders of one bad-input case; (argv, expected message)."""
     if case == "--ref_dir missing":
-        return evaluate_argv(t), f"image folder not found: {t / 'ref'}; pass an existing directory"
+        return evaluate_argv(t), f"image folder not found: {t / 'ref'}; pass a folder of .jpg, .jpeg, .png or .webp images"
     if case == "--gen_dir of non-images":
         _folder(t, "ref", {"r.png": b""})
         _folder(t, "gen", {"notes.txt": b"hi", "clip.mp4": b"\0"})
-        return evaluate_argv(t), f"no images (jpg/jpeg/png/webp) in {t / 'gen'}; add some"
+        return evaluate_argv(t), f"no images (.jpg, .jpeg, .png, .webp) in {t / 'gen'}; put the images there"
     _good_images(t)
     if case == "corrupt generated image":
         (t / "gen" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
@@ -525,8 +526,9 @@ def _evaluate_case(case, t):
         return evaluate_argv(t), f"{t / 'gen' / 'panorama.png'} is too large to open safely (Image size (200000000 pixels)"
     if case == "CLIP weights pickle carrying code":
         torch.save({"w": torch.zeros(1), "payload": _RunsCode(str(t / "pwned"))}, t / "evil.bin")
-        return evaluate_argv(t, "evil.bin"), ("hold pickled Python objects beyond tensors, which are refused because "
-                                              "unpickling them could run code (it would call io.open)")
+        return evaluate_argv(t, "evil.bin"), (f"{t / 'evil.bin'} holds pickled Python objects beyond tensors, which "
+                                              "are refused because unpickling them could run code (it would call "
+                                              "io.open); pass an open_clip state dict")
     raise AssertionError(case)
 
 
@@ -552,9 +554,3 @@ def test_evaluate_output_under_a_regular_file_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert_one_line_error(proc.stderr, f"{tmp_path / 'somefile'} is a file, not a folder; pass another --out")
     assert files_under(tmp_path) == before
-
-
-def test_evaluate_reads_16_bit_photos_as_grey_not_white(tmp_path):
-    ramp = np.tile(np.array([0, 257 * 60, 257 * 200, 65535], np.uint16), (4, 1))
-    Image.fromarray(ramp).save(tmp_path / "grey16.png")
-    assert np.asarray(clip_metrics.load_image(tmp_path / "grey16.png"))[0, :, 0].tolist() == [0, 60, 200, 255]

@@ -2,8 +2,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import CheckpointError, fingerprint, keys_to_sd, read_state_dict
+from ldm.checkpoint import TEXT_PREFIX, CheckpointError, fingerprint, keys_from_sd, keys_to_sd, read_state_dict
 from ldm.util import load_model_from_config
+from ldm.weights import WeightsError
 
 from .conftest import TINY_INFERENCE
 
@@ -62,9 +63,9 @@ def test_bad_checkpoints_give_one_line_errors(tiny_ckpt, tmp_path):
 
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(open(tiny_ckpt, "rb").read()[:100_000])
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(WeightsError) as e:  # unreadable, as opposed to readable but not fitting (CheckpointError)
         _load(truncated)
-    assert "corrupt or truncated" in _one_line(e)
+    assert f"{truncated} is corrupt or truncated (" in _one_line(e) and "; download it again" in _one_line(e)
 
     torch.save({"state_dict": {"encoder.weight": torch.zeros(3)}}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError) as e:
@@ -105,9 +106,9 @@ class _Payload:
 def test_checkpoint_carrying_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Payload(str(marker))}, tmp_path / "evil.ckpt")
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(WeightsError) as e:
         _load(tmp_path / "evil.ckpt")
-    assert "refused because unpickling them could run code" in _one_line(e)
+    assert "refused because unpickling them could run code (it would call io.open)" in _one_line(e)
     assert not marker.exists()
 
 
@@ -116,3 +117,22 @@ def test_fingerprint_tracks_content(tmp_path):
     a.write_bytes(b"x" * 10_000_000)
     b.write_bytes(b"x" * 9_999_999 + b"y")
     assert fingerprint(a) != fingerprint(b) and fingerprint(a) == fingerprint(a)
+
+
+def test_text_encoder_keys_map_both_ways_and_either_spelling_is_read():
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    text_config = OmegaConf.to_container(OmegaConf.load(TINY_INFERENCE).model.params.cond_stage_config.params.text_config)
+    transformer = FrozenCLIPEmbedder(text_config=text_config).transformer.state_dict()  # transformers 5.x names
+    ours = {TEXT_PREFIX + k: v for k, v in transformer.items()}
+    ours["model.diffusion_model.out.2.weight"] = torch.zeros(1)  # other keys are left alone
+    sd = keys_to_sd(ours)
+    for k in ("text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
+              "text_model.encoder.layers.11.self_attn.k_proj.weight", "text_model.final_layer_norm.weight"):
+        assert TEXT_PREFIX + k in sd
+    assert sum(k.startswith(TEXT_PREFIX + "text_model.") for k in sd) == len(transformer)
+    assert "model.diffusion_model.out.2.weight" in sd
+    assert keys_to_sd(sd).keys() == sd.keys()  # already SD-spelled (a transformers 4.x folder): left as it is
+    back = keys_from_sd(sd)
+    assert back.keys() == ours.keys() and all(back[k] is ours[k] for k in ours)
+    assert keys_from_sd(ours).keys() == ours.keys()  # 5.x-spelled keys pass through

@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -233,17 +234,6 @@ def test_geometric_mean_clamps_each_score():
     assert clip_metrics.geometric_mean(-0.2, -0.5) == 0.0
 
 
-def test_load_image_honours_exif_and_mode(tmp_path):
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "rotated.jpg", exif=exif)
-    Image.new("LA", (8, 6), (100, 50)).save(tmp_path / "grey.png")
-    rotated = clip_metrics.load_image(tmp_path / "rotated.jpg")
-    grey = clip_metrics.load_image(tmp_path / "grey.png")
-    assert rotated.size == (20, 40) and rotated.mode == "RGB"
-    assert grey.mode == "RGB" and grey.getpixel((0, 0)) == (100, 100, 100)
-
-
 @pytest.mark.parametrize(
     "setup, message",
     [
@@ -330,7 +320,7 @@ def test_vit_b32_loads_saved_state_dict(tmp_path, tiny_weights, capsys):
 def test_unreadable_weights_are_reported(tmp_path, tiny_weights):
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"^could not read CLIP weights .*garbage\.bin \("):
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(garbage))} is corrupt or truncated \(.*\); pass an open_clip"):
         clip_metrics.load_clip(TINY, garbage)
     not_tensors = tmp_path / "list.pt"
     torch.save([1, 2], not_tensors)

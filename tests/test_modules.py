@@ -3,7 +3,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ldm.modules.encoders.modules import FrozenCLIPEmbedder, clip_keys_from_sd, clip_keys_to_sd
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import instantiate_from_config
 
 TINY_TEXT = OmegaConf.to_container(OmegaConf.load("configs/tiny/v1-inference.yaml").model.params.cond_stage_config.params.text_config)
@@ -62,17 +62,3 @@ def test_adapter_stays_out_of_state_dict_but_moves_with_to():
     assert emb.adapter_parameters()[0] is param and param.dtype == torch.float64  # optimizers keep their reference
     with torch.no_grad():
         assert emb(["a cat"]).dtype == torch.float64
-
-
-def test_clip_key_spelling_round_trip():
-    ours = FrozenCLIPEmbedder(text_config=TINY_TEXT).transformer.state_dict()
-    sd = clip_keys_to_sd(ours)
-    assert all(k.startswith("text_model.") for k in sd)
-    for k in ("text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
-              "text_model.encoder.layers.11.self_attn.k_proj.weight", "text_model.encoder.layers.0.mlp.fc1.bias",
-              "text_model.final_layer_norm.weight"):
-        assert k in sd
-    with_position_ids = {**sd, "text_model.embeddings.position_ids": torch.arange(77)[None]}
-    back = clip_keys_from_sd(with_position_ids)
-    assert back.keys() == ours.keys() and all(back[k] is ours[k] for k in ours)
-    assert clip_keys_from_sd(ours).keys() == ours.keys()  # 5.x-spelled folders pass through

@@ -70,7 +70,7 @@ def test_vae_from_keeps_the_vae_and_shapes_a_fresh_text_encoder_and_unet(tmp_pat
 
 def test_the_shipped_text_encoder_is_the_default_shaping_of_the_seed_0_init():
     """The toy model's text encoder is never trained: the script's defaults must rebuild the shipped one bit for bit."""
-    from ldm.modules.encoders.modules import clip_keys_from_sd
+    from ldm.checkpoint import keys_from_sd
     from ldm.util import instantiate_from_config
 
     from .conftest import TOY_CKPT
@@ -79,8 +79,8 @@ def test_the_shipped_text_encoder_is_the_default_shaping_of_the_seed_0_init():
     model = instantiate_from_config(OmegaConf.load(TOY_INFERENCE).model)
     shape_text_encoder(model.cond_stage_model)
     prefix = "cond_stage_model.transformer."
-    shipped = torch.load(TOY_CKPT, weights_only=True)["state_dict"]
-    shipped = clip_keys_from_sd({k[len(prefix):]: v for k, v in shipped.items() if k.startswith(prefix)})
+    shipped = keys_from_sd(torch.load(TOY_CKPT, weights_only=True)["state_dict"])
+    shipped = {k[len(prefix):]: v for k, v in shipped.items() if k.startswith(prefix)}
     rebuilt = model.cond_stage_model.transformer.state_dict()
     assert len(shipped) > 100
     for k, v in shipped.items():

@@ -208,7 +208,7 @@ def test_bad_files_found_after_loading_still_write_nothing(adapter_model, tiny_c
     broken.write_bytes(b"\x01" * 100)
     cases = [(["--ckpt_path", str(tmp_path / "missing.ckpt")], "checkpoint not found:"),
              (["--ckpt_path", str(garbage)], str(garbage)),
-             (["--embedding_path", str(broken.parent)], "cannot read adapter"),
+             (["--embedding_path", str(broken.parent)], f"{broken} is corrupt or truncated ("),
              (["--embedding_path", adapter_model[1], adapter_model[2], "--strength", "1", "1", "1"],
               "3 --strength values for 2 --embedding_path adapters")]
     for args, message in cases:

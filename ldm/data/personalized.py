@@ -7,7 +7,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+from ldm.images import UnreadableImage, list_images, load_rgb
+
 INTERPOLATIONS = {
     "linear": Image.Resampling.BILINEAR,
     "bilinear": Image.Resampling.BILINEAR,
@@ -15,30 +16,6 @@ INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
     "nearest": Image.Resampling.NEAREST,
 }
-
-
-def list_images(folder):
-    """Image files of `folder` (not hidden, known extension), sorted; a one-line error if there are none."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"data folder not found: {folder}; pass --data_root with a folder of 3-10 photos of your concept")
-    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS))
-    if not names:
-        raise ValueError(f"no images (.jpg, .jpeg, .png, .webp) in {folder}; put 3-10 photos of your concept there")
-    return [os.path.join(folder, n) for n in names]
-
-
-def load_rgb(path):
-    """Any PIL mode (CMYK, RGBA, palette, 16-bit, grey) as 8-bit RGB, upright according to its EXIF orientation."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bits (/257) instead of clipping to white
-            arr = np.asarray(im, dtype=np.float64) / 257.0
-            im = Image.fromarray(arr.astype(np.uint8))
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent areas become white, not black
-            im = Image.alpha_composite(background, im)
-        return im.convert("RGB")
 
 
 class PersonalizedBase(Dataset):
@@ -68,12 +45,11 @@ class PersonalizedBase(Dataset):
         if not word:
             raise ValueError("no base class word; pass --init_word WORD (e.g. teddybear) naming the kind of thing your concept is")
         self.images, bad = [], []
-        for path in list_images(data_root):
+        for path in list_images(data_root).values():
             try:
                 self.images.append(load_rgb(path))
-            # what PIL raises for corrupt, truncated or unknown files, and for images over its 179-megapixel bomb limit
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                bad.append(f"{os.path.basename(path)} ({type(e).__name__})")
+            except UnreadableImage as e:
+                bad.append(f"{os.path.basename(path)} ({e.kind})")
         if bad:
             warnings.warn(f"skipping unreadable images in {data_root}: {', '.join(bad)}")
         if not self.images:

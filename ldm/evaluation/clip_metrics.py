@@ -26,7 +26,6 @@ All features are L2-normalised, so every similarity below is a cosine.
 
 import logging
 import math
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -36,14 +35,13 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN
-from PIL import Image, ImageOps
-from safetensors import SafetensorError
-from safetensors.torch import load_file as load_safetensors
+from PIL import Image
 from tqdm import tqdm
 
-from ldm.checkpoint import brief_error, refused_pickle_reason
+from ldm.images import list_images, load_grey, load_rgb
+from ldm.weights import read_tensors
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+load_image = load_rgb  # the name scripts/ablation.py reads images by; scripts/evaluate.py uses ldm.images directly
 # CLIP's mean colour as 8-bit RGB, (123, 117, 104): CLIP's normalisation maps it to about zero.
 FILL = tuple(round(channel * 255) for channel in OPENAI_DATASET_MEAN)
 
@@ -75,7 +73,8 @@ def load_clip(model_name: str, weights_path, device="cpu", quick_gelu: bool = Tr
     # Names with a schema ('hf-hub:', 'local-dir:') would fetch or ignore the weights file.
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown CLIP model '{model_name}'; pick a name from open_clip.list_models(), e.g. ViT-B-32")
-    state_dict = _read_state_dict(weights_path)
+    state_dict = read_tensors(weights_path, fix="pass an open_clip state dict (.bin/.pt/.pth or .safetensors, not "
+                                               "OpenAI's TorchScript .pt)")
     # Built with random weights, then loaded strictly by us: open_clip's own checkpoint loader
     # would silently resize mismatched position embeddings instead of reporting the wrong file.
     # open_clip logs a root-logger warning that the model is randomly initialised; it is not.
@@ -91,30 +90,6 @@ def load_clip(model_name: str, weights_path, device="cpu", quick_gelu: bool = Tr
     device = torch.device(device)
     model = model.to(device).eval().requires_grad_(False)
     return ClipModel(model, preprocess, open_clip.get_tokenizer(model_name), device)
-
-
-def _read_state_dict(path: Path) -> dict:
-    try:
-        if path.suffix == ".safetensors":
-            state_dict = load_safetensors(str(path))
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, pickle.UnpicklingError, SafetensorError) as err:
-        if refused_pickle_reason(err):
-            raise ValueError(
-                f"CLIP weights {path} hold pickled Python objects beyond tensors, which are refused because unpickling "
-                f"them could run code ({refused_pickle_reason(err)}); pass an open_clip state dict of tensors or .safetensors"
-            ) from None
-        reason = brief_error(err, 160)
-        raise ValueError(
-            f"could not read CLIP weights {path} ({reason}); pass an open_clip state dict "
-            f"(.bin/.pt/.pth or .safetensors, not OpenAI's TorchScript .pt)"
-        ) from None
-    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
-        state_dict = state_dict["state_dict"]  # training checkpoints wrap the weights
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"CLIP weights {path} are not a state dict of tensors; pass an open_clip state dict")
-    return state_dict
 
 
 def _check_keys(expected: dict, found: dict, path: Path, model_name: str):
@@ -135,46 +110,6 @@ def _check_keys(expected: dict, found: dict, path: Path, model_name: str):
         )
 
 
-def list_images(folder) -> dict:
-    """Image files of `folder` as {stem: path}, sorted by name; hidden and non-image files ignored."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"image folder not found: {folder}; pass an existing directory")
-    images = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        if path.stem in images:
-            raise ValueError(f"{images[path.stem].name} and {path.name} in {folder} share a stem; rename one")
-        images[path.stem] = path
-    if not images:
-        raise ValueError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) in {folder}; add some")
-    return images
-
-
-def _read(path, mode: str) -> Image.Image:
-    """The image at `path`, upright by its EXIF orientation, in `mode` ("RGB" or "L"); one-line ValueErrors.
-
-    16-bit greyscale PNGs are scaled to 8 bits (PIL's convert() would clip every value above 255 to white).
-    """
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I", "I;16", "I;16B", "I;16L"):
-                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
-            return img.convert(mode)
-    except Image.DecompressionBombError as err:
-        raise ValueError(f"{path} is too large to open safely ({err}); downscale it") from None
-    except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for corrupt, truncated or unknown files
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise ValueError(f"cannot read image {path} ({reason}); replace or remove the file") from None
-
-
-def load_image(path) -> Image.Image:
-    """An RGB image with its EXIF orientation applied (16-bit grey scaled to 8 bits)."""
-    return _read(path, "RGB")
-
-
 def load_mask_folder(folder, stems: Sequence[str]) -> dict:
     """{stem: boolean mask} for each of `stems` from same-stem image files (pixel > 127 = concept)."""
     available = list_images(folder)
@@ -182,7 +117,7 @@ def load_mask_folder(folder, stems: Sequence[str]) -> dict:
     for stem in stems:
         if stem not in available:
             raise ValueError(f"no mask for image '{stem}' in {folder}; add {stem}.png (white = concept)")
-        masks[stem] = np.asarray(_read(available[stem], "L")) > 127
+        masks[stem] = np.asarray(load_grey(available[stem])) > 127
     return masks
 
 

@@ -1,128 +1,17 @@
-"""Stable Diffusion v1 diffusers folders (`unet/`, `vae/`, `text_encoder/`) read as our CompVis state dict.
+"""The names of a Stable Diffusion v1 diffusers folder's weights (`unet/`, `vae/`) mapped to our CompVis names.
 
-The key mapping is our own: the inverse of diffusers' LDM converters (`convert_ldm_unet_checkpoint`,
-`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`), so diffusers is not needed at run time. The result
-has the SD `.ckpt` spelling (`model.diffusion_model.*`, `first_stage_model.*`,
-`cond_stage_model.transformer.text_model.*`), so `ldm.checkpoint` checks and loads it like any other checkpoint:
-a diffusers key we cannot place keeps its name under `<component>/` and is reported as unexpected, a tensor the
-folder lacks as missing, a wrong size as a shape mismatch.
-
-Accepted inside each component folder, in this order of preference: `diffusion_pytorch_model[.<variant>]`,
-`model[.<variant>]` or `pytorch_model[.<variant>]`, as `.safetensors` or `.bin`, single or sharded (with the
-`.index[.<variant>].json` that diffusers and transformers write). fp16/bf16 weights are converted to fp32.
-A variant is chosen with `folder:variant` (e.g. `models/sd-v1-5:fp16`); without one the plain files are used, or
-the only variant present.
+The mapping is our own: the inverse of diffusers' LDM converters (`convert_ldm_unet_checkpoint`,
+`convert_ldm_vae_checkpoint`), so diffusers is not needed at run time. `ldm.weights` reads the folder's files,
+these functions rename the tensors to the SD `.ckpt` spelling (`model.diffusion_model.*`, `first_stage_model.*`),
+and `ldm.checkpoint` adds the text encoder (transformers' `CLIPTextModel` keys, which its `keys_to_sd` spells as SD
+does), then checks and loads the result like any other checkpoint: a diffusers key we cannot place keeps its name
+under `<component>/` and is reported as unexpected, a tensor the folder lacks as missing, a wrong size as a shape
+mismatch.
 """
-import hashlib
-import json
-import os
 import re
-
-from ldm.checkpoint import TEXT_4X_PREFIX, CheckpointError, fingerprint, read_state_dict
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-COMPONENTS = ("unet", "vae", "text_encoder")
-_BASE_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
-_EXTENSIONS = ("safetensors", "bin")
-# `<base>.<variant>.<ext>` or a sharded variant's `<base>.<ext>.index.<variant>.json`
-_VARIANT_FILE = re.compile(
-    r"(?:diffusion_pytorch_model|model|pytorch_model)"
-    r"(?:\.(\w+)\.(?:safetensors|bin)|\.(?:safetensors|bin)\.index\.(\w+)\.json)"
-)
-_LAYOUT_HINT = ("a diffusers SD v1 folder holds unet/, vae/ and text_encoder/, each with "
-                "diffusion_pytorch_model.safetensors (or .bin, model.safetensors, pytorch_model.bin)")
-
-
-def parse_folder_path(path):
-    """`(folder, variant)` if `path` names a folder (`dir`, or `dir:variant` such as `sd-v1-5:fp16`), else None."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return path, None
-    head, sep, tail = path.rpartition(":")
-    if sep and re.fullmatch(r"\w+", tail) and os.path.isdir(head):
-        return head, tail
-    return None
-
-
-def weight_files(path):
-    """{component: [files]} that `read_diffusers_folder(path)` reads."""
-    parsed = parse_folder_path(path)
-    if parsed is None:
-        raise CheckpointError(f"diffusers folder not found: {path}; pass a folder with unet/, vae/ and text_encoder/")
-    folder, variant = parsed
-    if not any(os.path.isdir(os.path.join(folder, c)) for c in COMPONENTS):
-        raise CheckpointError(f"{folder} is a folder but not a diffusers model: no unet/, vae/ or text_encoder/ inside; "
-                              "pass an SD v1.x .ckpt/.safetensors file or a diffusers folder")
-    return {c: _component_files(folder, c, variant) for c in COMPONENTS}
-
-
-def read_diffusers_folder(path):
-    """The whole model as one fp32 state dict with SD checkpoint keys (see the module docstring)."""
-    files = weight_files(path)
-    state = {}
-    for component, to_ldm in (("unet", unet_to_ldm), ("vae", vae_to_ldm), ("text_encoder", text_to_ldm)):
-        tensors = {}
-        for f in files[component]:
-            tensors.update(read_state_dict(f))
-        state.update(to_ldm({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}))
-    return state
-
-
-def folder_fingerprint(path):
-    """One identity for the weights of a folder (and variant): the fingerprints of its files, combined."""
-    files = [f for fs in weight_files(path).values() for f in fs]
-    return hashlib.sha256(" ".join(fingerprint(f) for f in files).encode()).hexdigest()[:16]
-
-
-def _component_files(folder, component, variant):
-    sub = os.path.join(folder, component)
-    if not os.path.isdir(sub):
-        raise CheckpointError(f"diffusers folder {folder} has no {component}/; {_LAYOUT_HINT}")
-    names = set(os.listdir(sub))
-    if variant is None:
-        plain = _find_weights(sub, names, None)
-        if plain:
-            return plain
-        variants = sorted({m[1] or m[2] for n in names if (m := _VARIANT_FILE.fullmatch(n))})
-        if len(variants) > 1:
-            raise CheckpointError(f"{sub} holds only variant weights ({', '.join(variants)}); "
-                                  f"choose one by passing {folder}:{variants[0]}")
-        variant = variants[0] if variants else None
-    found = _find_weights(sub, names, variant)
-    if not found:
-        what = f"no {variant} weights" if variant else "no weights"
-        listing = ", ".join(sorted(names)[:6]) + (", ..." if len(names) > 6 else "")
-        raise CheckpointError(f"{sub} has {what} (found {listing or 'nothing'}); {_LAYOUT_HINT}")
-    return found
-
-
-def _find_weights(sub, names, variant):
-    """The files of the first weights found: one file, or the shards an index names."""
-    v = f".{variant}" if variant else ""
-    for base in _BASE_NAMES:
-        for ext in _EXTENSIONS:
-            if f"{base}{v}.{ext}" in names:
-                return [os.path.join(sub, f"{base}{v}.{ext}")]
-            index = f"{base}.{ext}.index{v}.json"
-            if index in names:
-                return _shards(os.path.join(sub, index))
-    return []
-
-
-def _shards(index_path):
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise CheckpointError(f"cannot read shard index {index_path} ({type(e).__name__}); "
-                              "the folder is incomplete, download it again") from None
-    paths = [os.path.join(os.path.dirname(index_path), s) for s in shards]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise CheckpointError(f"{index_path} names {len(missing)} shard(s) that are not there, e.g. {missing[0]}; "
-                              "the folder is incomplete, download it again")
-    return paths
 
 
 def _mapped(state, prefix, component, key_fn):
@@ -236,9 +125,3 @@ def vae_to_ldm(state):
         if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", k) and v.ndim == 2:
             out[k] = v[:, :, None, None]
     return out
-
-
-# --- text encoder ----------------------------------------------------------------------------------------------------
-def text_to_ldm(state):
-    """transformers `CLIPTextModel` keys, 4.x (`text_model.embeddings...`) or 5.x (`embeddings...`) -> SD spelling."""
-    return {TEXT_4X_PREFIX + (k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in state.items()}

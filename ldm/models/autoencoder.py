@@ -5,9 +5,9 @@ so this is a plain nn.Module with the same constructor and state-dict keys, and 
 """
 from torch import nn
 
-from ldm.checkpoint import read_state_dict
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.weights import read_tensors
 
 
 class AutoencoderKL(nn.Module):
@@ -30,7 +30,7 @@ class AutoencoderKL(nn.Module):
 
     def init_from_ckpt(self, path, ignore_keys=()):
         """Load a standalone VAE checkpoint (keys without prefix); its training-loss weights are dropped."""
-        state = {k: v for k, v in read_state_dict(path).items()
+        state = {k: v for k, v in read_tensors(path).items()
                  if not k.startswith("loss.") and not any(k.startswith(p) for p in ignore_keys)}
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:

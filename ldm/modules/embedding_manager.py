@@ -35,12 +35,12 @@ From txt2img: `load_embeddings_into(model.cond_stage_model, "embeddings.pt")` ma
 inference config understand the placeholder(s) of that file.
 """
 import os
-import pickle
 
 import torch
 from torch import nn
 
-from ldm.util import atomic_write
+from ldm.files import atomic_write
+from ldm.weights import load
 
 
 class EmbeddingManager(nn.Module):
@@ -203,20 +203,13 @@ def single_token_id(tokenizer, string, what):
 
 
 def read_embeddings(path):
-    """({string: token id}, {string: float32 tensor (n, width)}) from an `embeddings.pt`, loaded with weights_only=True."""
+    """({string: token id}, {string: float32 tensor (n, width)}) from an `embeddings.pt`, read by `ldm.weights`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"embeddings file not found: {path}; pass the embeddings.pt of a Textual Inversion run "
                          "(logs/<run>/checkpoints/adapter/embeddings.pt)")
-    try:
-        # The reference saved `string_to_param` as an nn.ParameterDict; allow exactly that class, nothing else.
-        with torch.serialization.safe_globals([nn.ParameterDict]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"embeddings file {path} holds pickled Python objects beyond tensors, refused because "
-                         f"unpickling them could run code ({str(e).splitlines()[0][:120]})") from None
-    except Exception as e:
-        raise ValueError(f"cannot read embeddings file {path} ({type(e).__name__}); the file is corrupt") from None
+    # The reference saved `string_to_param` as an nn.ParameterDict; allow exactly that class, nothing else.
+    state = load(path, allow=[nn.ParameterDict])
     if not isinstance(state, dict) or not {"string_to_token", "string_to_param"} <= set(state):
         raise ValueError(f"{path} has no 'string_to_token'/'string_to_param'; is it a Textual Inversion embeddings.pt?")
     params = state["string_to_param"]

@@ -2,18 +2,17 @@
 import contextlib
 import json
 import os
-import pickle
 import warnings
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ldm.files import atomic_write
 from ldm.modules.encoders.concat_kv import ATTN_IMPLEMENTATION, ConcatKV
 from ldm.modules.encoders.tokenizer import build_clip_tokenizer
-from ldm.util import atomic_write
+from ldm.weights import load, read_metadata
 
 # The text tower of openai/clip-vit-large-patch14 as used by SD v1, with the real special-token ids.
 VIT_L_TEXT = dict(
@@ -29,24 +28,6 @@ _AUTHORS_TAIL = "prefix_tunings.prefix_tuning1.clip_text_model_self_prefix.contr
 _AUTHORS_LAYER_KEY = "text_model.encoder.layers.{}.self_attn.prefix_tuning.pool." + _AUTHORS_TAIL
 _AUTHORS_POOL_KEY = "prefix_tuning." + _AUTHORS_TAIL
 _CONCAT_KV_KNOBS = ("layers", "num_tokens", "init", "logit_bias", "strength")
-
-
-def clip_keys_to_sd(state_dict):
-    """Keys of our `transformer` (transformers 5.x, `embeddings.…`) to the SD checkpoint spelling (4.x, `text_model.embeddings.…`)."""
-    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in state_dict.items()}
-
-
-def clip_keys_from_sd(state_dict):
-    """SD checkpoint keys under `cond_stage_model.transformer.` (4.x or 5.x spelling) to our `transformer`'s keys.
-
-    `embeddings.position_ids` (a buffer older checkpoints carry) is dropped: transformers rebuilds it.
-    """
-    out = {}
-    for k, v in state_dict.items():
-        k = k[len("text_model."):] if k.startswith("text_model.") else k
-        if k != "embeddings.position_ids":
-            out[k] = v
-    return out
 
 
 class FrozenCLIPEmbedder(nn.Module):
@@ -286,16 +267,11 @@ def _write_text(path, text):
 
 
 def _read_safetensors(path):
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta, keys = f.metadata() or {}, list(f.keys())
-            if keys != ["control_trans"]:
-                raise ValueError(f"adapter {path} should hold exactly one tensor 'control_trans', found {keys[:4]}; is it a CatVersion adapter?")
-            flat = f.get_tensor("control_trans")
-    except ValueError:
-        raise
-    except Exception as e:
-        raise ValueError(f"cannot read adapter {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the file is corrupt") from None
+    state, meta = load(path), read_metadata(path)
+    if list(state) != ["control_trans"]:
+        raise ValueError(f"adapter {path} should hold exactly one tensor 'control_trans', found {list(state)[:4]}; "
+                         "is it a CatVersion adapter?")
+    flat = state["control_trans"]
     knobs = {"num_tokens": int(meta.get("num_tokens", 1)), "logit_bias": float(meta.get("logit_bias", 1.0))}
     if "layers" in meta:
         knobs["layers"] = [int(i) for i in json.loads(meta["layers"])]
@@ -305,15 +281,7 @@ def _read_safetensors(path):
 
 def _read_authors_bin(path):
     """The authors' pytorch_adapter.bin (same tensor under four keys), plus prefix_length/leave_out from adapter_config.json."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"adapter {path} holds pickled Python objects beyond tensors, refused because unpickling them could run code "
-            f"({str(e).splitlines()[0][:120]})"
-        ) from None
-    except Exception as e:
-        raise ValueError(f"cannot read adapter {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the file is corrupt") from None
+    state = load(path)
     tensors = [v for k, v in state.items() if k.endswith("control_trans")] if isinstance(state, dict) else []
     if not tensors or not all(isinstance(t, torch.Tensor) and torch.equal(t, tensors[0]) for t in tensors):
         raise ValueError(f"adapter {path} has no single `...control_trans` tensor; is it a CatVersion prefix-tuning adapter?")

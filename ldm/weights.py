@@ -1,0 +1,222 @@
+"""The one reader of every weights file we load: pickles (.ckpt/.pt/.bin), .safetensors, diffusers folders.
+
+Pickles are only ever opened with `weights_only=True`: a file from a stranger must not be able to run code. What
+cannot be read ends in one `WeightsError` line: the pickle-refusal message or the corrupt-file message, each
+naming the fix (a caller may pass its own fix, or wrap the message into its context).
+
+A diffusers folder (`unet/`, `vae/`, `text_encoder/`) is read here file by file, as tensors under diffusers' own
+names; `ldm.interop.diffusers_folder` maps those names to ours. Accepted inside each component folder, in this
+order of preference: `diffusion_pytorch_model[.<variant>]`, `model[.<variant>]` or `pytorch_model[.<variant>]`,
+as `.safetensors` or `.bin`, single or sharded (with the `.index[.<variant>].json` that diffusers and transformers
+write). A variant is chosen with `folder:variant` (e.g. `models/sd-v1-5:fp16`); without one the plain files are
+used, or the only variant present.
+"""
+import json
+import os
+import pickle
+import re
+import zipfile
+
+import torch
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+_BASE_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
+_EXTENSIONS = ("safetensors", "bin")
+# `<base>.<variant>.<ext>` or a sharded variant's `<base>.<ext>.index.<variant>.json`
+_VARIANT_FILE = re.compile(
+    r"(?:diffusion_pytorch_model|model|pytorch_model)"
+    r"(?:\.(\w+)\.(?:safetensors|bin)|\.(?:safetensors|bin)\.index\.(\w+)\.json)"
+)
+_LAYOUT_HINT = ("a diffusers SD v1 folder holds unet/, vae/ and text_encoder/, each with "
+                "diffusion_pytorch_model.safetensors (or .bin, model.safetensors, pytorch_model.bin)")
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used; the message is one line naming the problem and the fix."""
+
+
+def load(path, fix=None, allow=()):
+    """The object stored in a weights file, opened without running code: a `.safetensors` file's tensors, or a
+    pickle's contents, unpickled with `weights_only=True` (and memory-mapped when it is a zip, as torch writes
+    them). `allow` names further classes the unpickler may build (e.g. the reference's nn.ParameterDict); `fix`
+    replaces the fix the two error messages suggest."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file not found: {path}; pass the path of an existing file")
+    try:
+        if path.endswith(".safetensors"):
+            return read_safetensors(path)
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # a pickle carrying code; or a truncated zip, garbage bytes, a bad safetensors header, ...
+        raise _unreadable(path, e, fix) from None
+
+
+def read_tensors(path, fix=None):
+    """All tensors of a weights file as a flat dict (a training checkpoint's `state_dict` unwrapped)."""
+    obj = load(path, fix)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} is not a state dict of tensors; pass a file saved from a model's state_dict()")
+    return obj
+
+
+def read_metadata(path):
+    """The string metadata of a `.safetensors` file's header ({} if it has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path, err, fix=None):
+    """The one pickle-refusal message, or else the one corrupt-file message, for `err` raised reading `path`."""
+    wanted = _refused_pickle_reason(err)
+    if wanted:
+        return WeightsError(f"{path} holds pickled Python objects beyond tensors, which are refused because unpickling "
+                            f"them could run code ({wanted}); {fix or 'convert it to .safetensors with a tool you trust'}")
+    return WeightsError(f"{path} is corrupt or truncated ({type(err).__name__}: {_brief_error(err)}); "
+                        f"{fix or 'download it again'}")
+
+
+# safetensors' dtype names.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """The tensors of a `.safetensors` file as views of one private, lazily read mapping of it: nothing is copied.
+
+    safetensors' own `load_file` copies every tensor out of its mapping, so a 4 GB file briefly holds 8 GB of the
+    process's memory; here a page is read from disk only when its tensor is used (moving the model to a GPU reads
+    each once). The library still reads and checks the header; only the mapping is ours. A file whose layout we
+    cannot map (an unknown dtype, an unaligned tensor) is read by the library instead."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt", device="cpu") as f:  # validates the header: offsets, sizes, dtypes
+        keys = list(f.keys())
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
+    out = {}
+    for key in keys:
+        entry = header[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        start = 8 + n + entry["data_offsets"][0]
+        if dtype is None or start % dtype.itemsize:
+            return load_file(path, device="cpu")
+        out[key] = torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, tuple(entry["shape"]))
+    return out
+
+
+def _refused_pickle_reason(err):
+    """If `err` is `torch.load(weights_only=True)` refusing a pickle that would call code: what it would call; else None.
+
+    torch's message spans a dozen lines with terminal colour codes; the line that matters is
+    `Unsupported global: GLOBAL io.open ...` (or, for modules torch blocks outright, `Trying to load unsupported
+    GLOBAL posix.system ...`). Garbage bytes fail differently (`Unsupported operand ...`)."""
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    return f"it would call {found.group(1)}" if found else None
+
+
+def _brief_error(err, limit=120):
+    """The gist of an exception's message on one line, without colour codes (for torch's weights-only refusals, the
+    unpickler's own complaint rather than the preamble about torch versions)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "no detail"
+    return re.split(r"(?<=\.)\s", lines[0])[0][:limit]
+
+
+# --- diffusers folders -----------------------------------------------------------------------------------------------
+def parse_folder_path(path):
+    """`(folder, variant)` if `path` names a folder (`dir`, or `dir:variant` such as `sd-v1-5:fp16`), else None."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path, None
+    head, sep, tail = path.rpartition(":")
+    if sep and re.fullmatch(r"\w+", tail) and os.path.isdir(head):
+        return head, tail
+    return None
+
+
+def folder_files(path):
+    """{component: [files]} that `read_folder(path)` reads."""
+    parsed = parse_folder_path(path)
+    if parsed is None:
+        raise WeightsError(f"diffusers folder not found: {path}; pass a folder with unet/, vae/ and text_encoder/")
+    folder, variant = parsed
+    if not any(os.path.isdir(os.path.join(folder, c)) for c in COMPONENTS):
+        raise WeightsError(f"{folder} is a folder but not a diffusers model: no unet/, vae/ or text_encoder/ inside; "
+                           "pass an SD v1.x .ckpt/.safetensors file or a diffusers folder")
+    return {c: _component_files(folder, c, variant) for c in COMPONENTS}
+
+
+def read_folder(path):
+    """{component: its tensors under diffusers' names}, fp16/bf16 weights converted to fp32."""
+    out = {}
+    for component, files in folder_files(path).items():
+        tensors = {}
+        for f in files:
+            tensors.update(read_tensors(f))
+        out[component] = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    return out
+
+
+def _component_files(folder, component, variant):
+    sub = os.path.join(folder, component)
+    if not os.path.isdir(sub):
+        raise WeightsError(f"diffusers folder {folder} has no {component}/; {_LAYOUT_HINT}")
+    names = set(os.listdir(sub))
+    if variant is None:
+        plain = _find_weights(sub, names, None)
+        if plain:
+            return plain
+        variants = sorted({m[1] or m[2] for n in names if (m := _VARIANT_FILE.fullmatch(n))})
+        if len(variants) > 1:
+            raise WeightsError(f"{sub} holds only variant weights ({', '.join(variants)}); "
+                               f"choose one by passing {folder}:{variants[0]}")
+        variant = variants[0] if variants else None
+    found = _find_weights(sub, names, variant)
+    if not found:
+        what = f"no {variant} weights" if variant else "no weights"
+        listing = ", ".join(sorted(names)[:6]) + (", ..." if len(names) > 6 else "")
+        raise WeightsError(f"{sub} has {what} (found {listing or 'nothing'}); {_LAYOUT_HINT}")
+    return found
+
+
+def _find_weights(sub, names, variant):
+    """The files of the first weights found: one file, or the shards an index names."""
+    v = f".{variant}" if variant else ""
+    for base in _BASE_NAMES:
+        for ext in _EXTENSIONS:
+            if f"{base}{v}.{ext}" in names:
+                return [os.path.join(sub, f"{base}{v}.{ext}")]
+            index = f"{base}.{ext}.index{v}.json"
+            if index in names:
+                return _shards(os.path.join(sub, index))
+    return []
+
+
+def _shards(index_path):
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise WeightsError(f"cannot read shard index {index_path} ({type(e).__name__}); "
+                           "the folder is incomplete, download it again") from None
+    paths = [os.path.join(os.path.dirname(index_path), s) for s in shards]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise WeightsError(f"{index_path} names {len(missing)} shard(s) that are not there, e.g. {missing[0]}; "
+                           "the folder is incomplete, download it again")
+    return paths
