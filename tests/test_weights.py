@@ -109,3 +109,61 @@ def test_safetensors_are_views_of_one_mapping(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(WeightsError, match=r"bad.safetensors is corrupt or truncated \(SafetensorError: "):
         load(tmp_path / "bad.safetensors")
+
+
+def _poisoned(name, value):
+    """A file as `name` expects it, whose one float tensor holds `value` at one place."""
+    t = torch.randn(2, 3)
+    t[1, 2] = value
+    if name == "pytorch_adapter.bin":  # the authors' adapter: one flat tensor under its keys
+        return {"prefix_tuning.x.control_trans": t.flatten()}
+    if name == "embeddings.pt":
+        return {"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": t}}
+    return {"state_dict": {"model.diffusion_model.w": t}}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("reader", list(READERS))
+def test_every_reader_refuses_non_finite_numbers_naming_the_tensor(reader, value, tmp_path):
+    name, read = READERS[reader]
+    path = tmp_path / name
+    torch.save(_poisoned(name, value), path)
+    with pytest.raises(WeightsError) as e:
+        read(str(path))
+    kind = "NaN" if value != value else "infinite values"
+    assert f"{path}: tensor " in str(e.value) and f" holds {kind}; the file is damaged" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_non_finite_in_safetensors_and_nested_names(tmp_path):
+    path = tmp_path / "catversion.safetensors"
+    save_file({"control_trans": torch.tensor([0.0, float("inf")])}, str(path))
+    with pytest.raises(WeightsError, match=r"tensor control_trans holds infinite values"):
+        load(path)
+    nested = tmp_path / "n.pt"
+    torch.save({"a": [torch.zeros(2), {"b": torch.tensor([float("nan")])}], "ints": torch.arange(3)}, nested)
+    with pytest.raises(WeightsError, match=r"tensor a\[1\]\.b holds NaN"):
+        load(nested)
+    fine = tmp_path / "fine.pt"
+    torch.save({"x": torch.zeros(0), "y": torch.randn(4).half(), "z": torch.arange(2)}, fine)
+    assert set(load(fine)) == {"x", "y", "z"}
+
+
+def test_txt2img_refuses_a_non_finite_base_model_in_one_line(tiny_ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    state = read_tensors(tiny_ckpt)
+    key = next(k for k in sorted(state) if k.startswith("model.diffusion_model.") and state[k].is_floating_point())
+    state = {k: v.clone() for k, v in state.items()}
+    state[key].view(-1)[0] = float("nan")
+    bad = tmp_path / "nan.ckpt"
+    torch.save({"state_dict": state}, bad)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "scripts/txt2img.py", "--config", TINY_INFERENCE, "--ckpt_path", str(bad),
+                           "--outdir", str(out), "--H", "64", "--W", "64", "--ddim_steps", "2"],
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: {bad}: tensor state_dict.{key} holds NaN; the file is damaged or was saved from a run " \
+                                  "that diverged, use another copy"
+    assert not out.exists()
