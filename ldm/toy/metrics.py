@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from ldm.data.toy_scenes import COLOURS, CONCEPT_STRIPES, SHAPES
+from ldm.toy.scenes import COLOURS, CONCEPT_STRIPES, SHAPES, concept_images, to_model_range
 
 PALETTE_NAMES = list(COLOURS)
 PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255.0
@@ -93,8 +93,6 @@ def round_trip_fidelity(autoencoder, background, n=16, seed=0):
     A generated image passes through the same decoder, so this is the most fidelity any method can show on that
     background: the 8x-downsampled latent blurs thin bands of colour.
     """
-    from ldm.data.toy_scenes import concept_images, to_model_range
-
     drawn = to_model_range(concept_images(n, seed=seed, backgrounds=[background]))
     x = torch.from_numpy(drawn).to(next(autoencoder.parameters()).device)
     decoded = autoencoder.decode(autoencoder.encode(x).mean)
