@@ -6,7 +6,6 @@ The shipped models/toy/toy-sd.ckpt was made by the defaults with the VAE of the 
 cores): `git show 5d938ba:models/toy/toy-sd.ckpt > vae.ckpt && python scripts/train_toy_base.py --vae_from vae.ckpt`.
 """
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -15,7 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-COUNTS = ("vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size", "scenes")
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from ldm.checkpoint import save_checkpoint  # noqa: E402
+from ldm.toy.base_model import train_base_model  # noqa: E402
+from ldm.toy.shaping import SHIPPED  # noqa: E402
+from ldm.util import atomic_write, one_line_errors  # noqa: E402
 
 
 def get_parser():
@@ -40,69 +45,44 @@ def get_parser():
 
 def check(opt):
     """Bad options fail here, not after minutes of training."""
-    for name in COUNTS:
+    for name in ("vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size", "scenes"):
         if getattr(opt, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(opt, name)}")
-    if not opt.out.endswith((".ckpt", ".safetensors")):
-        raise ValueError(f"--out must end in .ckpt or .safetensors, got {opt.out}")
-    for flag, path in (("--config", opt.config), ("--vae_from", opt.vae_from)):
-        if path and not os.path.isfile(path):
-            raise FileNotFoundError(f"{flag} {path} not found")
 
 
 def plot_losses(curves, path):
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    from ldm.util import atomic_write
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
-    for ax, (title, values) in zip(axes[0], curves.items()):
-        k = max(1, len(values) // 100)
-        smooth = torch.tensor(values).unfold(0, k, k).mean(1) if len(values) >= k else torch.tensor(values)
-        ax.plot(range(0, k * len(smooth), k), smooth.tolist())
+    figure = Figure(figsize=(5 * len(curves), 3.5), dpi=100)
+    FigureCanvasAgg(figure)
+    for ax, (title, values) in zip(figure.subplots(1, len(curves), squeeze=False)[0], curves.items()):
+        k = max(1, len(values) // 100)  # averages of k steps: about 100 points per curve
+        ax.plot(range(0, len(values) - k + 1, k), torch.tensor(values).unfold(0, k, k).mean(1).tolist())
         ax.set(title=title, xlabel="step", yscale="log")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-
-
-def run(opt, argv):
-    import torch
-    from omegaconf import OmegaConf
-
-    from ldm.checkpoint import save_checkpoint
-    from ldm.toy.base_model import train_base_model
-    from ldm.toy.shaping import SHIPPED
-    from ldm.util import atomic_write
-
-    check(opt)
-    start = time.time()
-    model, curves, record = train_base_model(
-        OmegaConf.load(opt.config), opt.seed, opt.vae_steps, opt.vae_batch_size, opt.vae_lr, opt.unet_steps,
-        opt.unet_batch_size, opt.unet_lr, opt.scenes, opt.vae_from)
-    report = {"command": " ".join(["python", "scripts/train_toy_base.py", *argv]), "seed": opt.seed,
-              "options": vars(opt), "text_shaping": dataclasses.asdict(SHIPPED), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), **record, "minutes": (time.time() - start) / 60}
-    save_checkpoint(model, opt.out, dtype=None if opt.fp32 else torch.float16,
-                    extra={"betas": model.betas, "alphas_cumprod": model.alphas_cumprod})
-    stem = os.path.splitext(opt.out)[0]
-    plot_losses(curves, stem + ".png")
-    atomic_write(stem + ".json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
-    print(f"Wrote {opt.out} ({os.path.getsize(opt.out) / 2**20:.1f} MiB), {stem}.png and {stem}.json "
-          f"in {report['minutes']:.1f} min")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
 
 
 def main(argv=None):
-    from ldm.util import one_line_errors
-
     argv = sys.argv[1:] if argv is None else argv
     opt = get_parser().parse_args(argv)
     with one_line_errors(opt.debug):
-        run(opt, argv)
+        check(opt)
+        start = time.time()
+        model, curves, record = train_base_model(
+            OmegaConf.load(opt.config), opt.seed, opt.vae_steps, opt.vae_batch_size, opt.vae_lr, opt.unet_steps,
+            opt.unet_batch_size, opt.unet_lr, opt.scenes, opt.vae_from)
+        report = {"command": " ".join(["python", "scripts/train_toy_base.py", *argv]), "seed": opt.seed,
+                  "options": vars(opt), "text_shaping": SHIPPED._asdict(), "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), **record, "minutes": (time.time() - start) / 60}
+        save_checkpoint(model, opt.out, dtype=None if opt.fp32 else torch.float16,
+                        extra={"betas": model.betas, "alphas_cumprod": model.alphas_cumprod})
+        stem = os.path.splitext(opt.out)[0]
+        plot_losses(curves, stem + ".png")
+        atomic_write(stem + ".json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
+    print(f"Wrote {opt.out} ({os.path.getsize(opt.out) / 2**20:.1f} MiB), {stem}.png and {stem}.json "
+          f"in {report['minutes']:.1f} min")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
-"""ldm/toy/base_model.py and its CLI scripts/train_toy_base.py: short real runs, the VAE rescaling, the shipped recipe."""
-import dataclasses
+"""ldm/toy/base_model.py and its CLI scripts/train_toy_base.py: short runs, the VAE rescaling, the shipped recipe."""
 import inspect
 import json
 import os
@@ -86,16 +85,16 @@ def test_the_defaults_are_the_recipe_recorded_with_the_shipped_model():
     kept = set(defaults) - {"vae_from", "debug"}  # the record names its VAE file in words; --debug is not a recipe
     assert kept <= set(recorded) and {k: recorded[k] for k in kept} == {k: defaults[k] for k in kept}
     shaping = {k[len("text_"):]: v for k, v in recorded.items() if k.startswith("text_") and k != "text_lr"}
-    assert shaping == json.loads(json.dumps(dataclasses.asdict(SHIPPED)))  # tuples as the record's lists
+    assert shaping == json.loads(json.dumps(SHIPPED._asdict()))  # tuples as the record's lists
     assert recorded["stripe_p"] == inspect.signature(random_scene).parameters["stripe_p"].default
     assert recorded["text_lr"] == 0.0  # the text encoder stayed frozen, as train_base_model keeps it
 
 
 @pytest.mark.parametrize("args, message", [
     (["--unet_steps", "0"], "--unet_steps must be at least 1"),
-    (["--out", "toy.pt"], "--out must end in .ckpt or .safetensors"),
-    (["--vae_from", "missing.ckpt"], "--vae_from missing.ckpt not found"),
-    (["--config", "missing.yaml"], "--config missing.yaml not found"),
+    (["--scenes", "-1"], "--scenes must be at least 1"),
+    (["--vae_from", "missing.ckpt"], "checkpoint not found: missing.ckpt"),
+    (["--config", "missing.yaml"], "missing.yaml"),
 ])
 def test_bad_options_fail_in_one_line_before_training(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as raised:

@@ -1,10 +1,8 @@
 """ldm/toy/shaping.py: the shipped shaping rebuilds the shipped text encoder, and each trait does what it is for."""
-import dataclasses
-
 import torch
 from omegaconf import OmegaConf
 
-from ldm.toy.shaping import Shaping, shape_text_encoder
+from ldm.toy.shaping import SHIPPED, shape_text_encoder
 
 from .conftest import TOY_CKPT, TOY_INFERENCE
 
@@ -27,9 +25,9 @@ def test_the_shipped_text_encoder_is_the_shipped_shaping_of_the_seed_0_init():
 
 
 # The first toy model's shaping (embedding sizes only), and experiment 1 on top of it (README, "The toy world").
-PLAIN = Shaping(position_scale=30.0, qk_scale=1.0, value_scale=1.0, confidence=0.0, start_scale=1.0, end_scale=1.0,
-                word_queries=())
-EXPERIMENT = dataclasses.replace(PLAIN, qk_scale=3.0, value_scale=4.0, confidence=4.0)
+PLAIN = SHIPPED._replace(position_scale=30.0, qk_scale=1.0, value_scale=1.0, confidence=0.0, start_scale=1.0,
+                         end_scale=1.0, word_queries=())
+EXPERIMENT = PLAIN._replace(qk_scale=3.0, value_scale=4.0, confidence=4.0)
 
 
 def _encoder(shaping):
@@ -59,11 +57,11 @@ def test_confident_attention_and_unit_values_keep_an_untrained_adapter_from_movi
     shaped, shaped_change = outputs(EXPERIMENT)
     assert plain_change > 0.3 and shaped_change < 0.05, (plain_change, shaped_change)
     # the same projected queries and keys with (almost) no shared component: the same outputs
-    little_confidence, _ = outputs(dataclasses.replace(EXPERIMENT, confidence=1e-3))
+    little_confidence, _ = outputs(EXPERIMENT._replace(confidence=1e-3))
     torch.testing.assert_close(shaped, little_confidence, atol=1e-4, rtol=1e-4)  # exact up to fp16 rounding
-    no_value_scale, _ = outputs(dataclasses.replace(EXPERIMENT, value_scale=1.0))
+    no_value_scale, _ = outputs(EXPERIMENT._replace(value_scale=1.0))
     torch.testing.assert_close(shaped, no_value_scale, atol=1e-4, rtol=1e-4)
-    no_qk_scale, _ = outputs(dataclasses.replace(EXPERIMENT, qk_scale=1.0))
+    no_qk_scale, _ = outputs(EXPERIMENT._replace(qk_scale=1.0))
     assert not torch.allclose(shaped, no_qk_scale, atol=1e-4, rtol=1e-4)
 
 
@@ -88,7 +86,7 @@ def test_word_queries_give_each_word_its_own_query_in_the_adapted_layers():
         others = max((c @ q[1, j]).abs().item() for c, q in zip(circle, queries.values()) for j in (1, 3, 4, 5))
         return same, others
 
-    same, others = overlaps(Shaping())
-    _, unfitted_others = overlaps(Shaping(word_queries=()))
+    same, others = overlaps(SHIPPED)
+    _, unfitted_others = overlaps(SHIPPED._replace(word_queries=()))
     assert same > 0.85 and others < 0.35, (same, others)  # measured: 0.91, 0.30
     assert unfitted_others > 0.45, unfitted_others  # measured: 0.52

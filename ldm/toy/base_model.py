@@ -1,7 +1,6 @@
-"""Pretrain the toy world's text-to-image model: the tiny VAE, then the tiny UNet, on captioned scenes.
+"""Pretrain the toy world's text-to-image model: the tiny VAE, then the tiny UNet, on scenes drawn from the seed.
 
-The scenes (ldm/toy/scenes.py) are drawn on the fly from the seed; the CLIP text encoder stays random and frozen, as
-SD's stays frozen, shaped by ldm/toy/shaping.py. scripts/train_toy_base.py is the command line over `train_base_model`.
+The CLIP text encoder stays random and frozen, as SD's stays frozen, shaped by ldm/toy/shaping.py.
 """
 import math
 import statistics
@@ -17,16 +16,16 @@ from ldm.util import instantiate_from_config, load_model_from_config
 
 def train_base_model(config, seed, vae_steps, vae_batch_size, vae_lr, unet_steps, unet_batch_size, unet_lr, scenes,
                      vae_from=None):
-    """Draw the model of `config` (an OmegaConf with `model`) from `seed`, shape its text encoder, train its VAE (or take
-    the VAE of the toy checkpoint `vae_from`), then its UNet. Returns the model, its loss curves and a record of losses."""
+    """Draw the model of `config` (an OmegaConf with `model`) from `seed`, shape its text encoder, train its VAE (or
+    take the VAE of the toy checkpoint `vae_from`), then its UNet. Returns the model, its loss curves and a record."""
     torch.manual_seed(seed)
     model = instantiate_from_config(config.model)
     shape_text_encoder(model.cond_stage_model, seed=seed)
+    record, curves = {}, {}
     if vae_from:  # after the fresh model is drawn, so that its UNet and text encoder are those of a full run
         donor = load_model_from_config(config, vae_from, verbose=False)
         model.first_stage_model.load_state_dict(donor.first_stage_model.state_dict())
-    record, curves = {}, {}
-    if not vae_from:
+    else:
         curves["VAE reconstruction (mean |error|, [-1, 1] pixels)"] = vae_losses = train_vae(
             model.first_stage_model, vae_steps, vae_batch_size, vae_lr, seed)
         images = torch.from_numpy(scene_batch(f"{seed}-rescale", 512)[0])

@@ -1,23 +1,28 @@
-"""Give the toy model's random, frozen CLIP text encoder the traits of a trained one (SHIPPED: the shipped shaping).
-
-CatVersion's learned key is read by every token whose query points its way: in a trained CLIP the concept's word, in a
-random one nearly every token, so the concept spills into every prompt. SHIPPED (README, "The toy world", experiments
-1-15) gives the encoder the traits that prevent this; git history has the `--text_*` flags those experiments varied.
-"""
-from dataclasses import dataclass
+"""Shape the toy model's random, frozen CLIP text encoder like a trained one; SHIPPED is the shaping it ships with."""
+from collections import namedtuple
 
 import torch
 
 from ldm.toy.scenes import scene_batch
 
+Shaping = namedtuple("Shaping", "token_scale position_scale qk_scale value_scale confidence start_scale end_scale "
+                                "word_queries")
+# What made models/toy/toy-sd.ckpt (toy-sd.json records it as text_*; git history has the flags that varied it).
+SHIPPED = Shaping(token_scale=30.0, position_scale=3.0, qk_scale=3.0, value_scale=2.0, confidence=8.0, start_scale=10.0,
+                  end_scale=10.0, word_queries=(9, 10, 11))
 
-@dataclass(frozen=True)
-class Shaping:
-    """The knobs of `shape_text_encoder`; the defaults made models/toy/toy-sd.ckpt (its toy-sd.json has them as text_*).
 
+@torch.no_grad()
+def shape_text_encoder(text_encoder, shaping=SHIPPED, seed=0):
+    """Give a freshly drawn toy text encoder the traits of a trained CLIP, then round it to fp16: the model ships in
+    fp16, and rounding before the UNet trains makes the UNet train against exactly the encoder that is shipped.
+
+    CatVersion's learned key is read by every token whose query points its way: in a trained CLIP the concept's word,
+    in a random one nearly every token, so the concept spills into every prompt. SHIPPED (README, "The toy world",
+    experiments 1-15) gives the encoder the traits that prevent this:
     - `token_scale`, `position_scale`: at transformers' init (0.02 per element) twelve random layers wash the words
-      out (`red` and `blue` come out with cosine 0.98); the token embeddings are scaled to CLIP ViT-L's residual-stream
-      size, the positions less, so that words rather than positions make the queries.
+      out (`red` and `blue` come out with cosine 0.98); the token embeddings are scaled to CLIP ViT-L's
+      residual-stream size, the positions less, so that words rather than positions make the queries.
     - `qk_scale` spreads the logits (q and k each times it); `value_scale` multiplies `v_proj` and divides `out_proj`
       (the model's output is unchanged, its values reach order one).
     - `confidence`: per head, queries and keys share a component along one random direction (their own components
@@ -29,23 +34,6 @@ class Shaping:
       query agrees across contexts and overlaps other words' less (random 32-wide queries overlap by cosine 0.4-0.8,
       so a key that `circle` reads, `square` reads too).
     """
-    token_scale: float = 30.0
-    position_scale: float = 3.0
-    qk_scale: float = 3.0
-    value_scale: float = 2.0
-    confidence: float = 8.0
-    start_scale: float = 10.0
-    end_scale: float = 10.0
-    word_queries: tuple = (9, 10, 11)
-
-
-SHIPPED = Shaping()
-
-
-@torch.no_grad()
-def shape_text_encoder(text_encoder, shaping=SHIPPED, seed=0):
-    """Apply `shaping` to a freshly drawn toy text encoder, then round it to fp16: the model ships in fp16, and rounding
-    before the UNet trains makes the UNet train against exactly the encoder that is shipped."""
     embeddings = text_encoder.transformer.embeddings
     embeddings.token_embedding.weight.mul_(shaping.token_scale)
     embeddings.position_embedding.weight.mul_(shaping.position_scale)
