@@ -46,8 +46,8 @@ def main(argv=None):
 
     import main as train_main
     from ldm.callbacks import save_image_grid
-    from ldm.data.toy_scenes import CONCEPT_STRIPES, write_concept_folder
-    from ldm.evaluation.toy_metrics import compare, parse_prompt, round_trip_fidelity
+    from ldm.toy.scenes import CONCEPT_STRIPES, write_concept_folder
+    from ldm.toy.metrics import compare, parse_prompt, round_trip_fidelity
     from ldm.util import one_line_errors
 
     with one_line_errors(debug=False):

@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.data.toy_scenes import write_concept_folder  # noqa: E402
+from ldm.toy.scenes import write_concept_folder  # noqa: E402
 
 
 def main(argv=None):

@@ -5,7 +5,7 @@ CatVersion on shallow layers (0-2), each trained on the demo concept with a few 
     python scripts/toy_benchmark.py            # about 5 minutes on 2 CPU cores
 
 Per method and seed: train through main.py (seed s), sample every prompt from seed s with and without the learned
-concept, and score (ldm/evaluation/toy_metrics.py): fidelity and background editability on the `circle` prompts,
+concept, and score (ldm/toy/metrics.py): fidelity and background editability on the `circle` prompts,
 prior preservation (pixel change, unchanged read-back) on the `square` prompts. Writes <outdir>/toy_benchmark.csv
 (one row per run), toy_benchmark.md (mean ± standard deviation over seeds), toy_benchmark.png (the same as bars)
 and samples.png (the first seed's images: one row per method, the base model on top).
@@ -51,7 +51,7 @@ def get_parser():
 def run_one(opt, method, seed):
     """Train `method` with `seed`; returns the row of toy metrics and the compare() results."""
     from scripts import ablation
-    from ldm.evaluation.toy_metrics import compare
+    from ldm.toy.metrics import compare
 
     preset, _ = METHODS[method]
     (_, base, overrides), = ablation.build_variants(argparse.Namespace(base=opt.base, presets=[preset], variant=[]))
@@ -80,7 +80,7 @@ def summary(rows, methods):
 
 
 def markdown(stats, n_seeds, opt):
-    from ldm.data.toy_scenes import CONCEPT_STRIPES
+    from ldm.toy.scenes import CONCEPT_STRIPES
 
     head = ["method", "base model's fidelity", *METRICS.values()]
     lines = [f"Toy world, concept `circle` (striped {' and '.join(CONCEPT_STRIPES)}), {opt.steps} steps, {n_seeds} seed(s), "
@@ -119,7 +119,7 @@ def run(opt):
     import torch
 
     from ldm.callbacks import save_image_grid
-    from ldm.data.toy_scenes import write_concept_folder
+    from ldm.toy.scenes import write_concept_folder
     from ldm.util import atomic_write
 
     torch.set_num_threads(1)  # see scripts/demo.py

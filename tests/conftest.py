@@ -45,11 +45,12 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def example_data(tmp_path_factory):
-    from ldm.data.toy_scenes import write_concept_folder
+    """The demo concept's 5 photos as `scripts/make_example_data.py` draws them."""
+    from scripts.make_example_data import main as make_example_data
 
-    folder = tmp_path_factory.mktemp("data") / "example"
-    write_concept_folder(str(folder))
-    return str(folder)
+    folder = str(tmp_path_factory.mktemp("data") / "example")
+    make_example_data(["--out", folder])
+    return folder
 
 
 @pytest.fixture

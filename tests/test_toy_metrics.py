@@ -1,12 +1,12 @@
-"""ldm/evaluation/toy_metrics.py: reading toy images back, against the scene generator's ground truth."""
+"""ldm/toy/metrics.py: reading toy images back, against the scene generator's ground truth."""
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from ldm.data.toy_scenes import COLOURS, SHAPES, concept_images, draw_scene, random_layout
-from ldm.evaluation.toy_metrics import fidelity, parse_prompt, read_scenes, round_trip_fidelity, scores
+from ldm.toy.scenes import COLOURS, SHAPES, concept_images, draw_scene, random_layout
+from ldm.toy.metrics import fidelity, parse_prompt, read_scenes, round_trip_fidelity, scores
 
 
 def _tensor(images):

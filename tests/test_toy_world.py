@@ -8,7 +8,7 @@ import os
 import torch
 
 from .conftest import TOY_CKPT
-from ldm.evaluation.toy_metrics import sample_prompt, scores
+from ldm.toy.metrics import sample_prompt, scores
 
 
 def test_the_shipped_checkpoint_is_small_and_in_sd_format():

@@ -1,6 +1,6 @@
 """The toy world: simple objects in plain colours on plain backgrounds, with captions in words.
 
-`scripts/train_toy_base.py` pretrains the toy text-to-image model on `random_scene`s; the demo concept (a circle
+`ldm/toy/base_model.py` pretrains the toy text-to-image model on `random_scene`s; the demo concept (a circle
 striped purple and orange, base class word `circle`) is a combination that world never shows, although it shows
 circles, stripes, purple and orange separately, the way SD has seen teddy bears and brown fur but not your teddy.
 Everything is deterministic from a seed; nothing is downloaded.
@@ -104,11 +104,10 @@ def random_scene(rng, size=64, stripe_p=0.25, drop_colour_p=0.3, drop_background
     return image, text
 
 
-def scene_batch(seed, n, size=64, **scene_options):
-    """`n` scenes as a float tensor-ready array (n, 3, size, size) in [-1, 1] and their captions; `scene_options` go to
-    `random_scene`."""
+def scene_batch(seed, n, size=64):
+    """`n` scenes as a float tensor-ready array (n, 3, size, size) in [-1, 1] and their captions."""
     rng = random.Random(seed)
-    images, captions = zip(*(random_scene(rng, size, **scene_options) for _ in range(n)))
+    images, captions = zip(*(random_scene(rng, size) for _ in range(n)))
     return to_model_range(images), list(captions)
 
 

@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from ldm.data.toy_scenes import COLOURS, CONCEPT_STRIPES, SHAPES
+from ldm.toy.scenes import COLOURS, CONCEPT_STRIPES, SHAPES, concept_images, to_model_range
 
 PALETTE_NAMES = list(COLOURS)
 PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255.0
@@ -93,30 +93,25 @@ def round_trip_fidelity(autoencoder, background, n=16, seed=0):
     A generated image passes through the same decoder, so this is the most fidelity any method can show on that
     background: the 8x-downsampled latent blurs thin bands of colour.
     """
-    from ldm.data.toy_scenes import concept_images, to_model_range
-
     drawn = to_model_range(concept_images(n, seed=seed, backgrounds=[background]))
     x = torch.from_numpy(drawn).to(next(autoencoder.parameters()).device)
     decoded = autoencoder.decode(autoencoder.encode(x).mean)
     return sum(map(fidelity, read_scenes(((decoded + 1) / 2).clamp(0, 1).cpu()))) / n
 
 
-# Sampling settings of every toy measurement (tests, demo, benchmark): short DDIM, moderate guidance.
-TOY_SAMPLING = {"ddim_steps": 25, "scale": 5.0}
-
-
 @torch.no_grad()
-def sample_prompt(model, prompt, n=16, seed=0, ddim_steps=TOY_SAMPLING["ddim_steps"], scale=TOY_SAMPLING["scale"]):
-    """`n` images (n, 3, 64, 64) in [0, 1] for one prompt; the same `seed` gives the same starting noise."""
+def sample_prompt(model, prompt, n=16, seed=0):
+    """`n` images (n, 3, 64, 64) in [0, 1] for one prompt; the same `seed` gives the same starting noise. Every toy
+    measurement (tests, demo, benchmark) samples alike: short DDIM, moderate guidance."""
     from ldm.sampling import sample_images
 
     with model.cond_stage_model.adapter_disabled():
         uc = model.get_learned_conditioning([""] * n)
     cond = model.get_learned_conditioning([prompt] * n)
-    return sample_images(model, cond, uc, seed, H=64, W=64, ddim_steps=ddim_steps, scale=scale, progress=False)
+    return sample_images(model, cond, uc, seed, H=64, W=64, ddim_steps=25, scale=5.0, progress=False)
 
 
-def compare(model, prompts, n=16, seed=0, placeholder=None, base_class_word="circle", **sampling):
+def compare(model, prompts, n=16, seed=0, placeholder=None, base_class_word="circle"):
     """Toy metrics of the base model and the personalized one on `prompts`, from the same noise per prompt.
 
     The base model is `model` with its CatVersion adapter switched off; a Textual Inversion model is asked with
@@ -128,9 +123,9 @@ def compare(model, prompts, n=16, seed=0, placeholder=None, base_class_word="cir
     results = {}
     for prompt in tqdm(prompts, desc="toy metrics", dynamic_ncols=True, leave=False):
         with model.cond_stage_model.adapter_disabled():
-            base = sample_prompt(model, prompt, n, seed, **sampling)
+            base = sample_prompt(model, prompt, n, seed)
         asked = prompt.replace(base_class_word, placeholder) if placeholder else prompt
-        personal = sample_prompt(model, asked, n, seed, **sampling)
+        personal = sample_prompt(model, asked, n, seed)
         results[prompt] = {"base": scores(base, prompt), "personal": scores(personal, prompt, base_images=base),
                            "images": (base, personal)}
     return results
