@@ -1,7 +1,9 @@
 """Config plumbing in the CompVis style: every model is built from a `target:` path and its `params:`."""
+import argparse
 import importlib
 import os
 import sys
+import tempfile
 from contextlib import contextmanager
 
 from omegaconf import OmegaConf
@@ -37,14 +39,31 @@ def load_model_from_config(config, ckpt_path=None, device="cpu", verbose=True):
     return model.to(device).eval()
 
 
+def _umask():
+    """The process's umask, read without changing it where the OS allows (setting it is process-wide, racing threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write):
     """Call `write(tmp)` on a temporary name beside `path`, then rename it over `path`: nobody ever sees half a file,
-    and a failure leaves nothing behind."""
+    and a failure leaves nothing behind. The file gets the mode a plain `open()` would give it (0o666 minus the
+    umask), whatever mode the temporary file was made with (mkstemp makes 0o600)."""
     path = os.fspath(path)
     folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -64,6 +83,16 @@ def one_line_errors(debug=False, code=2):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(code)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every CLI's --help: the description (the script's docstring) keeps its paragraphs and indented examples, and
+    each flag shows its default, unless that default is "not given" (None, False, an empty list)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or (isinstance(action.default, list) and not action.default):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_sampling_args(parser):
