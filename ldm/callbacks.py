@@ -86,7 +86,7 @@ class ImageLogger(pl.Callback):
             sheet = save_sheet(path, value, [label], captions, value_range=(-1, 1))
             for logger in trainer.loggers:
                 if hasattr(logger.experiment, "add_image"):
-                    logger.experiment.add_image(f"train/{key}", torch.from_numpy(np.asarray(sheet)).permute(2, 0, 1),
+                    logger.experiment.add_image(f"train/{key}", torch.from_numpy(np.array(sheet)).permute(2, 0, 1),
                                                 trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

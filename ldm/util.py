@@ -2,8 +2,10 @@
 import argparse
 import importlib
 import os
+import re
 import sys
 import tempfile
+import textwrap
 from contextlib import contextmanager
 
 from omegaconf import OmegaConf
@@ -85,14 +87,31 @@ def one_line_errors(debug=False, code=2):
         sys.exit(code)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every CLI's --help: the description (the script's docstring) keeps its paragraphs and indented examples, and
-    each flag shows its default, unless that default is "not given" (None, False, an empty list)."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every CLI's --help: each flag shows its default (unless it is "not given", None, False or empty, or its help
+    speaks of it), and the description and epilog (usually the script's docstring) keep their paragraphs.
+
+    argparse either re-wraps all text into one paragraph (the default) or prints it as written (RawDescription...),
+    which runs long lines past a narrow terminal. Here a paragraph with an indented line (a command, a list of
+    files) stays as written; the other paragraphs are re-wrapped to the terminal's width."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or (isinstance(action.default, list) and not action.default):
+        not_given = action.default is None or action.default is False or (
+            isinstance(action.default, (str, list)) and not action.default)
+        if not_given or re.search(r"\bdefault\b", action.help or ""):  # the help says it already
             return action.help
         return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        paragraphs = []
+        for paragraph in re.split(r"\n[ \t]*\n", text.strip("\n")):
+            lines = paragraph.splitlines()
+            if any(line[:1].isspace() for line in lines):
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(textwrap.fill(" ".join(line.strip() for line in lines), width,
+                                                initial_indent=indent, subsequent_indent=indent))
+        return "\n\n".join(paragraphs)
 
 
 def add_sampling_args(parser):

@@ -38,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from ldm.models.diffusion.ddim import ddim_schedule, ddim_step, ddim_timesteps  # noqa: E402
 from ldm.models.diffusion.guidance import guided_eps_fn  # noqa: E402
+from ldm.util import HelpFormatter  # noqa: E402
 from scripts.make_tiny_model import make_tiny_model  # noqa: E402
 
 PATHS = ("reference", "fast", "diffusers")
@@ -48,7 +49,7 @@ CAPTION = "teddybear"
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default="configs/tiny/v1-finetune.yaml",
                    help="finetune config (tiny, or configs/stable-diffusion/v1-finetune.yaml with random weights)")
     p.add_argument("--H", type=int, default=512, help="image height in pixels (a multiple of 64)")
