@@ -36,6 +36,12 @@ def quiet_lightning():
                             r"have passed in a `LightningDataModule`")
     # Lightning 2.6 still builds torch's deprecated LeafSpec when it batches; a matter between those two libraries.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    # --resume continues in the run's own folder, so these hold on every resume; and the CSV rows are not deleted
+    # (ContinuingCSVLogger writes them back), the epoch's position is meaningless with photos shuffled anew.
+    for message in (r"Checkpoint directory .* exists and is not empty",
+                    r"Experiment logs directory .* exists and is not empty",
+                    r"You're resuming from a checkpoint that ended before the epoch ended"):
+        warnings.filterwarnings("ignore", message=message)
     log = logging.getLogger("pytorch_lightning.utilities.rank_zero")  # where Lightning's rank_zero_info writes
     if not any(isinstance(f, _DropChatter) for f in log.filters):
         log.addFilter(_DropChatter())
@@ -96,7 +102,7 @@ class ImageLogger(pl.Callback):
 
 class StepProgressBar(TQDMProgressBar):
     """One bar for the whole run that counts optimizer steps to the end and shows the loss first:
-    `step 120/800, loss=0.0312, lr=2.00e-02 |#####     | [00:12<01:10, 9.80 step/s]`.
+    `step 120/800, loss=0.0312, lr=2.00e-02 |#####     | [00:12<01:10, 9.80step/s]`.
 
     Lightning's own bar counts the batches of an epoch ("Epoch 3: 40/250", or "Epoch 3/-2" when only max_steps
     bounds the run); epochs of a few repeated photos mean nothing here, and its long metric names were the first
@@ -109,7 +115,7 @@ class StepProgressBar(TQDMProgressBar):
         self.train_progress_bar = Tqdm(
             desc="step", initial=trainer.global_step, total=convert_inf(trainer.estimated_stepping_batches),
             position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
-            file=sys.stdout, smoothing=0, unit=" step", bar_format=self.BAR_FORMAT)
+            file=sys.stdout, smoothing=0, unit="step", bar_format=self.BAR_FORMAT)
 
     def on_train_epoch_start(self, trainer, *_):
         pass  # one bar for all epochs
