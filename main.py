@@ -17,8 +17,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (reference configs name `main.DataModuleFromConfig`)
-from ldm.callbacks import AdapterCheckpoint, ContinuingCSVLogger, ImageLogger, TrainingGuard  # noqa: F401  (and `main.ImageLogger`)
-from ldm.util import one_line_errors
+from ldm.callbacks import (AdapterCheckpoint, AdapterSummary, ContinuingCSVLogger, ImageLogger,  # noqa: F401
+                           StepProgressBar, TrainingGuard, quiet_lightning)  # (and `main.ImageLogger`)
+from ldm.util import HelpFormatter, one_line_errors
 
 LOG_EVERY_N_STEPS = 10  # when a config sets no lightning.trainer.log_every_n_steps
 
@@ -42,7 +43,7 @@ def str2bool(v):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
                    help="config files, merged left to right; then `key=value` overrides from the command line")
     p.add_argument("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
@@ -217,7 +218,7 @@ def run(opt, unknown, extra_callbacks=()):
     """Set up (and with -t, train) a run; returns (run folder, model)."""
     import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+    from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from ldm.checkpoint import check_exists, load_checkpoint_into
@@ -277,13 +278,15 @@ def run(opt, unknown, extra_callbacks=()):
     trainer_kwargs.setdefault("log_every_n_steps", LOG_EVERY_N_STEPS)
     callbacks = [
         guard,  # first: it settles the last step's loss check before anything below saves
-        TQDMProgressBar(refresh_rate=trainer_kwargs["log_every_n_steps"]),
+        StepProgressBar(refresh_rate=trainer_kwargs["log_every_n_steps"]),
+        *([AdapterSummary()] if trainer_kwargs.pop("enable_model_summary", True) else []),  # in place of Lightning's
         # No version counter: AdapterCheckpoint has just written last.ckpt when this one saves it at the end, and a
         # stray `last-v1.ckpt` beside it would be a second "last" checkpoint.
         ModelCheckpoint(dirpath=ckptdir, filename="{epoch:06}-{step:09}", every_n_train_steps=every, save_last=True,
                         save_top_k=-1, enable_version_counter=False),
         adapter_checkpoint,
     ]
+    quiet_lightning()
     for cb_cfg in lightning_config.get("callbacks", {}).values():
         callbacks.append(instantiate_from_config(cb_cfg))
     callbacks.extend(extra_callbacks)
@@ -295,6 +298,7 @@ def run(opt, unknown, extra_callbacks=()):
         callbacks=callbacks,
         logger=[TensorBoardLogger(logdir, name="tensorboard", version=""), ContinuingCSVLogger(logdir, name="csv", version="")],
         enable_progress_bar=True,
+        enable_model_summary=False,  # AdapterSummary above replaces Lightning's, which counts no adapter
     )
     if opt.train:
         restore_signals = guard.install()

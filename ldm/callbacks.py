@@ -1,22 +1,50 @@
-"""Lightning callbacks of a training run: adapter snapshots and sample grids."""
+"""Lightning callbacks of a training run: adapter snapshots, sample sheets, the progress bar and the model summary."""
 import csv
+import logging
 import os
+import sys
+import warnings
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
-import torchvision
-from PIL import Image
+from pytorch_lightning.callbacks import ModelSummary, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm, convert_inf
+from pytorch_lightning.utilities.model_summary import get_human_readable_count, summarize
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
+from ldm.report import save_sheet
 from ldm.util import atomic_write
 
 
-def save_image_grid(images, path, nrow=None):
-    """Save images in [-1, 1] (b, c, h, w) as one PNG grid, atomically."""
-    images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    grid = torchvision.utils.make_grid(images, nrow=nrow or max(1, int(len(images) ** 0.5)), padding=2)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
-    return grid
+class _DropChatter(logging.Filter):
+    PREFIXES = ("💡 Tip:",  # an advertisement for a cloud logging service, on every Trainer
+                "`Trainer.fit` stopped: `max_steps=")  # the progress bar shows it, and this line broke into the bar's
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+def quiet_lightning():
+    """Silence what Lightning (and torch through it) says on every run that a user of main.py cannot act on; each
+    by its own text, so that every other warning still shows."""
+    # The frozen base model stays in eval mode on purpose (LatentDiffusion.train): no dropout, no norm statistics.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
+                            category=PossibleUserWarning)
+    # LatentDiffusion's hook is the one meant; Lightning warns whenever a model has it and a datamodule is passed.
+    warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but "
+                            r"have passed in a `LightningDataModule`")
+    # Lightning 2.6 still builds torch's deprecated LeafSpec when it batches; a matter between those two libraries.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    # --resume continues in the run's own folder, so these hold on every resume; and the CSV rows are not deleted
+    # (ContinuingCSVLogger writes them back), the epoch's position is meaningless with photos shuffled anew.
+    for message in (r"Checkpoint directory .* exists and is not empty",
+                    r"Experiment logs directory .* exists and is not empty",
+                    r"You're resuming from a checkpoint that ended before the epoch ended"):
+        warnings.filterwarnings("ignore", message=message)
+    log = logging.getLogger("pytorch_lightning.utilities.rank_zero")  # where Lightning's rank_zero_info writes
+    if not any(isinstance(f, _DropChatter) for f in log.filters):
+        log.addFilter(_DropChatter())
 
 
 class AdapterCheckpoint(pl.Callback):
@@ -41,11 +69,15 @@ class AdapterCheckpoint(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero:
             self.save(pl_module, "adapter", trainer.global_step)
-        atomic_write(os.path.join(self.dirpath, "last.ckpt"), trainer.save_checkpoint)
+        # The full state (optimizer, loops, callbacks): this is the file --resume continues from.
+        atomic_write(os.path.join(self.dirpath, "last.ckpt"), lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
 
 
 class ImageLogger(pl.Callback):
-    """Sample grids with and without the learned concept every `batch_frequency` steps (and after the last one)."""
+    """Sample sheets with and without the learned concept every `batch_frequency` steps (and after the last one):
+    `images/train/<key>_gs-<step>.png`, one column per caption."""
+
+    ROW_LABELS = {"samples": "with the learned concept", "samples_base": "base model"}
 
     def __init__(self, batch_frequency=500, max_images=4, ddim_steps=50, **ignored):
         self.every, self.max_images, self.ddim_steps = batch_frequency, max_images, ddim_steps
@@ -55,14 +87,98 @@ class ImageLogger(pl.Callback):
         images = pl_module.log_images(captions, ddim_steps=self.ddim_steps)
         folder = os.path.join(trainer.default_root_dir, "images", "train")
         for key, value in images.items():
-            grid = save_image_grid(value, os.path.join(folder, f"{key}_gs-{trainer.global_step:06d}.png"))
+            label = f"{self.ROW_LABELS.get(key, key)}, step {trainer.global_step}"
+            path = os.path.join(folder, f"{key}_gs-{trainer.global_step:06d}.png")
+            sheet = save_sheet(path, value, [label], captions, value_range=(-1, 1))
             for logger in trainer.loggers:
                 if hasattr(logger.experiment, "add_image"):
-                    logger.experiment.add_image(f"train/{key}", grid, trainer.global_step)
+                    logger.experiment.add_image(f"train/{key}", torch.from_numpy(np.array(sheet)).permute(2, 0, 1),
+                                                trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every and trainer.global_step % self.every == 0 and trainer.is_global_zero:
             self.log_samples(trainer, pl_module, batch)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar for the whole run that counts optimizer steps to the end and shows the loss first:
+    `step 120/800, loss=0.0312, lr=2.00e-02 |#####     | [00:12<01:10, 9.80step/s]`.
+
+    Lightning's own bar counts the batches of an epoch ("Epoch 3: 40/250", or "Epoch 3/-2" when only max_steps
+    bounds the run); epochs of a few repeated photos mean nothing here, and its long metric names were the first
+    thing cut off in a narrow terminal."""
+
+    BAR_FORMAT = "{desc} {n_fmt}/{total_fmt}{postfix} |{bar}| [{elapsed}<{remaining}, {rate_fmt}]"
+    NAMES = {"train/loss_simple": "loss", "lr-abs": "lr"}
+
+    def on_train_start(self, trainer, pl_module):
+        self.train_progress_bar = Tqdm(
+            desc="step", initial=trainer.global_step, total=convert_inf(trainer.estimated_stepping_batches),
+            position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
+            file=sys.stdout, smoothing=0, unit="step", bar_format=self.BAR_FORMAT)
+
+    def on_train_epoch_start(self, trainer, *_):
+        pass  # one bar for all epochs
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bar, step = self.train_progress_bar, trainer.global_step
+        # The last step is drawn by on_train_end's close(): drawn here too, it would print twice into a log file.
+        if bar is not None and not bar.disable and step - bar.n >= self.refresh_rate and step != bar.total:
+            self._set(bar, step, trainer, pl_module)
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        pass
+
+    def on_train_end(self, trainer, pl_module):
+        bar = self.train_progress_bar
+        if bar is not None:
+            if not bar.disable:
+                self._set(bar, trainer.global_step, trainer, pl_module)
+            bar.close()
+
+    def _set(self, bar, step, trainer, pl_module):
+        bar.n = step
+        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)  # the logger's version: not ours to show
+        out = {}
+        for key, value in items.items():
+            name = self.NAMES.get(key, key)
+            out[name] = f"{value:.2e}" if name == "lr" and isinstance(value, float) else value
+        return out
+
+
+class AdapterSummary(ModelSummary):
+    """Lightning's summary of the model's parts, with the numbers of trainable and frozen parameters right.
+
+    The CatVersion adapter lives outside `parameters()` on purpose (see FrozenCLIPEmbedder), so Lightning alone
+    reports "Trainable params: 0" for a run that trains it; here the trainable numbers are the model's
+    `trainable_parameters()`, counted once whether or not they are registered parameters (Textual Inversion's are)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        if not self._max_depth or not trainer.is_global_zero:
+            return
+        summary = summarize(pl_module, max_depth=self._max_depth)
+        registered = {id(p) for p in pl_module.parameters()}
+        trainable = pl_module.trainable_parameters()
+        n_trainable = sum(p.numel() for p in trainable)
+        total = summary.total_parameters + sum(p.numel() for p in trainable if id(p) not in registered)
+        print(self.format(summary, n_trainable, total), flush=True)
+
+    @staticmethod
+    def format(summary, n_trainable, total):
+        rows = [("", "Name", "Type", "Params")] + [
+            (str(i), name, kind, get_human_readable_count(n))
+            for i, (name, kind, n) in enumerate(zip(summary.layer_names, summary.layer_types, summary.param_nums))]
+        widths = [max(len(r[k]) for r in rows) for k in range(4)]
+        lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        rule = "-" * max(len(line) for line in lines)
+        return "\n".join([lines[0], rule, *lines[1:], rule,
+                          f"Trainable params: {n_trainable:,} (what this run learns; the base model is frozen)",
+                          f"Frozen params: {total - n_trainable:,}"])
 
 
 class TrainingGuard(pl.Callback):

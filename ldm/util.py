@@ -1,6 +1,9 @@
 """Config plumbing in the CompVis style: every model is built from a `target:` path and its `params:`."""
+import argparse
 import importlib
+import re
 import sys
+import textwrap
 from contextlib import contextmanager
 
 from omegaconf import OmegaConf
@@ -49,6 +52,33 @@ def one_line_errors(debug=False, code=2):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(code)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every CLI's --help: each flag shows its default (unless it is "not given", None, False or empty, or its help
+    speaks of it), and the description and epilog (usually the script's docstring) keep their paragraphs.
+
+    argparse either re-wraps all text into one paragraph (the default) or prints it as written (RawDescription...),
+    which runs long lines past a narrow terminal. Here a paragraph with an indented line (a command, a list of
+    files) stays as written; the other paragraphs are re-wrapped to the terminal's width."""
+
+    def _get_help_string(self, action):
+        not_given = action.default is None or action.default is False or (
+            isinstance(action.default, (str, list)) and not action.default)
+        if not_given or re.search(r"\bdefault\b", action.help or ""):  # the help says it already
+            return action.help
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        paragraphs = []
+        for paragraph in re.split(r"\n[ \t]*\n", text.strip("\n")):
+            lines = paragraph.splitlines()
+            if any(line[:1].isspace() for line in lines):
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(textwrap.fill(" ".join(line.strip() for line in lines), width,
+                                                initial_indent=indent, subsequent_indent=indent))
+        return "\n\n".join(paragraphs)
 
 
 def add_sampling_args(parser):

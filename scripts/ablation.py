@@ -8,8 +8,9 @@
 Each variant is trained with the same main.py (`--base` plus the variant's `key=value` overrides) on every
 concept, then every prompt is sampled (`{}` becomes the class word, or the placeholder for Textual Inversion) with
 the seeds `--seed`, `--seed + 1`, ... and scored against the concept's photos. Writes <outdir>/ablation.csv,
-ablation.md and ablation.png (mean over concepts per variant), the images under <outdir>/samples/<variant>/<concept>/
-and the runs under <outdir>/runs/.
+ablation.md and ablation.png (mean over concepts per variant), samples.png (a sheet: one row per variant and
+concept, one column per prompt and seed), the images under <outdir>/samples/<variant>/<concept>/ and the runs under
+<outdir>/runs/.
 
 Metrics: with --clip_weights, CLIP-I, CLIP-T (against the prompt with the class word) and their geometric mean, as
 scripts/evaluate.py computes them (mean over prompts). Without CLIP weights, a stand-in that needs no download:
@@ -48,7 +49,9 @@ LABELS = {"pixel_cosine": f"pixel cosine ({PIXEL_SIDE}x{PIXEL_SIDE}, not CLIP)",
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ldm.util import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--base", default="configs/stable-diffusion/v1-finetune.yaml", help="CatVersion training config")
     p.add_argument("--ckpt_path", required=True, help="the base SD checkpoint (main.py --actual_resume)")
     p.add_argument("--concept", nargs="+", required=True, metavar="DATA_ROOT:WORD",
@@ -269,6 +272,7 @@ def run(opt):
     import torch
 
     from ldm.evaluation import clip_metrics
+    from ldm.report import save_sheet
 
     concepts = parse_concepts(opt.concept)
     variants = build_variants(opt)
@@ -280,7 +284,7 @@ def run(opt):
     metrics = ["pixel_cosine"] if clip is None else ["clip_i", "clip_t", "geometric_mean"]
     device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(opt.outdir, exist_ok=True)
-    rows = []
+    rows, sheet = [], {}  # sheet: row label -> image paths, in the columns' order
     for name, base, overrides in variants:
         for concept in concepts:
             cname, root, word = concept
@@ -294,13 +298,17 @@ def run(opt):
             row = {"variant": name, "concept": cname, **info}
             row.update({m: sum(s[m] for s in per_prompt) / len(per_prompt) for m in metrics})
             rows.append(row)
+            sheet[f"{name} / {cname}"] = [p for t in opt.prompts for p in paths[t]]
             del model
     title = (f"{len(concepts)} concept(s), {len(opt.prompts)} prompt(s) x {opt.n_images} image(s), "
              f"{'CLIP ' + opt.clip_model if clip else LABELS['pixel_cosine']}")
     rows = add_means(rows, metrics)
     paths = write_table(opt.outdir, rows, metrics, title)
+    paths["samples"] = os.path.join(opt.outdir, "samples.png")
+    save_sheet(paths["samples"], [[clip_metrics.load_image(p) for p in row] for row in sheet.values()], list(sheet),
+               [f"{t} (seed {opt.seed + i})" for t in opt.prompts for i in range(opt.n_images)])
     print(markdown(rows, metrics))
-    print(f"Wrote {paths['csv']}, {paths['md']} and {paths['png']}")
+    print(f"Wrote {paths['csv']}, {paths['md']}, {paths['png']} and {paths['samples']}")
     return rows, paths
 
 

@@ -6,13 +6,14 @@
         --mask_token teddybear
 
 DDIM samples the prompt (as txt2img does, same seeds) while recording the UNet's cross-attention probabilities of
-the layers `--attn_downsample` times smaller than the latent (default 4: the 16x16 layers of SD at 512 px), averaged
-over heads, those layers and all steps (see ldm/analysis/attention_maps.py). Writes, for each image <stem>
+the layers `--attn_downsample` times smaller than the latent (default 4: the 16x16 layers of SD at 512 px; a model
+without layers there, such as the toy model, gets the factor it has nearest to 4), averaged over heads, those layers
+and all steps (see ldm/analysis/attention_maps.py). Writes, for each image <stem>
 (`<prompt-with-dashes>_<seed>`, as txt2img names it):
 
     <outdir>/samples/<stem>.png                       the generated image
     <outdir>/attention/<stem>/<pos>_<token>.png       one heat map per token position, BOS to EOS
-    <outdir>/attention/<stem>/grid.png                the image and all heat maps, labelled
+    <outdir>/attention/<stem>/grid.png                the image and all heat maps in a row, labelled
     <masks_out>/<stem>.png                            with --mask_token: the binary mask (white = concept)
 
 The mask is the --mask_token word's map (mean over its tokens) upsampled to the image, normalised to [0, 1] and
@@ -29,13 +30,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.util import add_sampling_args  # noqa: E402
+from ldm.util import HelpFormatter, add_sampling_args  # noqa: E402
 
 RANDOM_WEIGHTS = "none"
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--prompt", required=True, help="the prompt to render and analyse")
     p.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml", help="model config")
     p.add_argument("--ckpt_path", default="models/sd/v1-5.ckpt",
@@ -45,8 +46,9 @@ def get_parser():
     p.add_argument("--outdir", default="outputs/attention-maps", help="folder to write results to")
     p.add_argument("--n_iter", type=int, default=1, help="images per prompt; image i uses seed + i")
     add_sampling_args(p)
-    p.add_argument("--attn_downsample", type=int, default=4,
-                   help="record the cross-attention layers this many times smaller than the latent (4: SD's 16x16)")
+    p.add_argument("--attn_downsample", type=int, default=None,
+                   help="record the cross-attention layers this many times smaller than the latent (default: 4, SD's "
+                        "16x16, or the factor nearest to it that the model has)")
     p.add_argument("--mask_token", default=None, help="word whose map becomes the automatic mask, e.g. the class word")
     p.add_argument("--mask_threshold", type=float, default=0.5, help="normalised attention >= this is concept")
     p.add_argument("--masks_out", default=None, help="folder for the masks (default <outdir>/masks)")
@@ -77,38 +79,18 @@ def load(opt, device):
     return model, manager
 
 
-def labelled(image, label, height=14):
-    """uint8 (H, W, 3) -> PIL image with `label` written under it."""
-    from PIL import Image, ImageDraw
-
-    tile = Image.new("RGB", (image.shape[1], image.shape[0] + height), "white")
-    tile.paste(Image.fromarray(image.numpy()), (0, 0))
-    ImageDraw.Draw(tile).text((2, image.shape[0] + 1), label, fill="black")
-    return tile
-
-
-def save_grid(tiles, path, columns=8):
-    from PIL import Image
-
-    from ldm.util import atomic_write
-
-    w, h = tiles[0].size
-    rows = (len(tiles) + columns - 1) // columns
-    grid = Image.new("RGB", (w * min(columns, len(tiles)), h * rows), "white")
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % columns) * w, (i // columns) * h))
-    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
-
-
 def run(opt):
     import torch
 
     from ldm import sampling
     from ldm.analysis import attention_maps as am
+    from ldm.report import save_sheet
 
     device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sampling.check_sampling_args(opt.H, opt.W, opt.scale, 1, opt.n_iter, opt.ddim_steps, seed=opt.seed)
-    h, w = am.attention_grid(opt.H // sampling.LATENT_FACTOR, opt.W // sampling.LATENT_FACTOR, opt.attn_downsample)
+    latent = (opt.H // sampling.LATENT_FACTOR, opt.W // sampling.LATENT_FACTOR)
+    if opt.attn_downsample is not None:
+        am.attention_grid(*latent, opt.attn_downsample)  # a factor that cannot fit fails before the model loads
     if opt.mask_token is not None and not 0.0 < opt.mask_threshold < 1.0:
         raise ValueError(f"--mask_threshold {opt.mask_threshold} must lie strictly between 0 and 1 (0.5 is a usual choice)")
     masks_out = opt.masks_out or os.path.join(opt.outdir, "masks")
@@ -117,6 +99,17 @@ def run(opt):
     name = sampling.prompt_to_name(opt.prompt)
 
     model, manager = load(opt, device)
+    factors = am.attention_factors(model.model.diffusion_model)
+    downsample = opt.attn_downsample
+    if downsample is None:
+        downsample = am.pick_downsample(factors, *latent)
+    elif downsample not in factors:
+        raise ValueError(f"--attn_downsample {downsample}: this model has no cross-attention layers {downsample} times "
+                         f"smaller than the latent, only {', '.join(map(str, factors))}; pass one of those or omit the flag")
+    h, w = am.attention_grid(*latent, downsample)
+    if opt.attn_downsample is None:
+        print(f"Attention maps from the {h}x{w} cross-attention layers (--attn_downsample {downsample}; this model's "
+              f"layers are {', '.join(map(str, factors))} times smaller than the latent)")
     encoder = model.cond_stage_model
     positions = am.prompt_positions(encoder, opt.prompt, manager)
     mask_positions = am.word_positions(encoder, positions, opt.mask_token) if opt.mask_token is not None else None
@@ -135,14 +128,14 @@ def run(opt):
         folder = os.path.join(opt.outdir, "attention", stem)
         os.makedirs(folder, exist_ok=True)
         heat = am.upsample_normalised(maps[[p for p, _, _ in positions]], (opt.H, opt.W))
-        tiles = [labelled(pixels, "image")]
+        tiles = [pixels]
         for (pos, _, text), token_heat in zip(positions, heat):
             overlay = am.heat_overlay(pixels, token_heat)
             path = os.path.join(folder, f"{pos:02d}_{file_label(text)}.png")
             result["maps"].append(sampling.save_png(overlay, path))
-            tiles.append(labelled(overlay, text))
+            tiles.append(overlay)
         result["grid"] = os.path.join(folder, "grid.png")
-        save_grid(tiles, result["grid"])
+        save_sheet(result["grid"], [tiles], [f"seed {opt.seed + i}"], ["image"] + [text for _, _, text in positions])
         if mask_positions is not None:
             mask = am.concept_mask(maps, mask_positions, (opt.H, opt.W), opt.mask_threshold)
             os.makedirs(masks_out, exist_ok=True)

@@ -26,7 +26,9 @@ def metrics_table(results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from ldm.util import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default=TOY_CKPT, help="toy base model (shipped; scripts/train_toy_base.py remakes it)")
     p.add_argument("--data_root", default="data/toy_concept", help="the concept's photos (drawn if missing)")
     p.add_argument("--logdir", default="logs", help="where the training run folder goes")
@@ -45,7 +47,7 @@ def main(argv=None):
     torch.set_num_threads(1)
 
     import main as train_main
-    from ldm.callbacks import save_image_grid
+    from ldm.report import save_sheet
     from ldm.toy.scenes import CONCEPT_STRIPES, write_concept_folder
     from ldm.toy.metrics import compare, parse_prompt, round_trip_fidelity
     from ldm.util import one_line_errors
@@ -71,7 +73,7 @@ def main(argv=None):
     shown = min(4, opt.n)
     rows = [torch.cat([r["images"][k][:shown] for r in results.values()]) for k in (0, 1)]
     path = os.path.join(opt.outdir, "base_vs_catversion.png")
-    save_image_grid(torch.cat(rows) * 2 - 1, path, nrow=shown * len(PROMPTS))
+    save_sheet(path, rows, ["base model", "CatVersion"], [f"{p} #{i + 1}" for p in PROMPTS for i in range(shown)])
     print(metrics_table(results))
     print(f"Adapter: {os.path.join(logdir, 'checkpoints', 'adapter')}")
     print(f"Grid: {path} (top: base model, bottom: CatVersion; {shown} samples each of {PROMPTS})")

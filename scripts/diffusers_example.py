@@ -19,12 +19,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, the description's layout kept."""
-
-
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    from ldm.util import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="models/sd/stable-diffusion-v1-5",
                    help="local diffusers folder of SD v1.x (model_index.json, unet/, vae/, text_encoder/, tokenizer/, ...)")
     p.add_argument("--variant", default=None, help="weights variant of the folder, e.g. fp16")

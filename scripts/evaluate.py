@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.evaluation import clip_metrics  # noqa: E402
 from ldm.images import list_images, load_rgb  # noqa: E402
-from ldm.util import atomic_write, one_line_errors  # noqa: E402
+from ldm.util import HelpFormatter, atomic_write, one_line_errors  # noqa: E402
 
 MASK_RULE = (
     "Masked CLIP-I: on both sides, pixels outside the mask become the CLIP mean grey RGB "
@@ -32,7 +32,7 @@ LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "geometric_mean": "geometric m
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=__doc__, formatter_class=HelpFormatter,
         epilog=MASK_RULE + " The geometric mean is sqrt(max(CLIP-I,0) * max(CLIP-T,0)).",
     )
     parser.add_argument("--ref_dir", required=True, help="reference images of the concept (jpg/jpeg/png/webp)")

@@ -13,11 +13,11 @@ rewritten after every section; sections that would not fit in --budget_s are ski
 import argparse
 
 from ldm.perf.gpu_report import SECTIONS, run
-from ldm.util import one_line_errors
+from ldm.util import HelpFormatter, one_line_errors
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default="configs/stable-diffusion/v1-finetune.yaml", help="finetune config (its shapes)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
     p.add_argument("--threads", type=int, default=None,

@@ -7,10 +7,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ldm.toy.scenes import write_concept_folder  # noqa: E402
+from ldm.util import HelpFormatter  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="data/toy_concept", help="folder to write")
     p.add_argument("--n", type=int, default=5, help="number of images")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.checkpoint import save_checkpoint  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import HelpFormatter, instantiate_from_config  # noqa: E402
 
 
 def make_tiny_model(config_path="configs/tiny/v1-inference.yaml", seed=0):
@@ -40,7 +40,7 @@ def make_tiny_model(config_path="configs/tiny/v1-inference.yaml", seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="models/tiny/tiny-sd.ckpt", help=".ckpt or .safetensors path to write")
     p.add_argument("--config", default="configs/tiny/v1-inference.yaml", help="model config")
     p.add_argument("--seed", type=int, default=0, help="weights seed")

@@ -32,10 +32,9 @@ METRICS = {"fidelity": "fidelity (circle prompts)", "editability": "background o
 
 
 def get_parser():
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
+    from ldm.util import HelpFormatter
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt_path", default="models/toy/toy-sd.ckpt", help="the toy base model")
     p.add_argument("--base", default="configs/toy/v1-finetune.yaml", help="CatVersion config (TI: its sibling)")
     p.add_argument("--data_root", default="data/toy_concept", help="the concept's photos (drawn if missing)")
@@ -118,7 +117,7 @@ def bar_chart(stats):
 def run(opt):
     import torch
 
-    from ldm.callbacks import save_image_grid
+    from ldm.report import save_sheet
     from ldm.toy.scenes import write_concept_folder
     from ldm.util import atomic_write
 
@@ -147,7 +146,8 @@ def run(opt):
     for key, data in {"csv": text.getvalue().encode(), "md": table.encode(), "png": bar_chart(stats)}.items():
         atomic_write(paths[key], lambda tmp, data=data: Path(tmp).write_bytes(data))
     paths["samples"] = Path(opt.outdir, "samples.png")
-    save_image_grid(torch.cat(grid_rows) * 2 - 1, str(paths["samples"]), nrow=len(grid_rows[0]))
+    save_sheet(paths["samples"], grid_rows, ["base model", *(METHODS[m][1] for m in opt.methods)],
+               [f"{p} #{i + 1}" for p in CONCEPT_PROMPTS + PRIOR_PROMPTS for i in range(min(4, opt.n))])
     print(table)
     print(f"Wrote {', '.join(str(p) for p in paths.values())} (samples.png rows: base, {', '.join(opt.methods)}; "
           f"4 images each of {CONCEPT_PROMPTS + PRIOR_PROMPTS})")

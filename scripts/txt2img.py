@@ -28,7 +28,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.util import add_sampling_args  # noqa: E402
+from ldm.util import HelpFormatter, add_sampling_args  # noqa: E402
 
 RANDOM_WEIGHTS = "none"
 
@@ -37,10 +37,6 @@ def default_device():
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each flag, and the module docstring as written (it has a command and paragraphs)."""
 
 
 def get_parser():

@@ -13,7 +13,7 @@ from ldm.modules.attention import CrossAttention
 from ldm.modules.embedding_manager import EmbeddingManager
 from scripts.attention_maps import main as attention_maps_main
 
-from .conftest import TINY_INFERENCE
+from .conftest import TINY_INFERENCE, TOY_CKPT, TOY_INFERENCE
 
 
 def test_recording_path_is_the_attention_sdpa_computes():
@@ -117,3 +117,32 @@ def test_script_refuses_a_mask_word_missing_from_the_prompt_before_sampling(tiny
     assert capsys.readouterr().err.strip() == ("error: --mask_token 'square' is not in the prompt (its tokens: a circle); "
                                                "pass a word of the prompt, usually the concept's class word")
     assert not (tmp_path / "o" / "samples").exists()
+
+
+def test_default_downsample_picks_a_size_the_model_has(tmp_path, capsys):
+    # The toy model has cross-attention 1 and 2 times below its 8x8 latent, not SD's 4 (which stopped the script).
+    args = ["--config", TOY_INFERENCE, "--ckpt_path", TOY_CKPT, "--prompt", "circle on a blue background", "--outdir",
+            str(tmp_path / "maps"), "--ddim_steps", "2", "--H", "64", "--W", "64", "--uc_dir", ""]
+    (result,) = attention_maps_main(args)
+    out = capsys.readouterr().out
+    assert ("Attention maps from the 4x4 cross-attention layers (--attn_downsample 2; this model's layers are 1, 2 "
+            "times smaller than the latent)") in out
+    assert len(result["maps"]) == 7
+    with Image.open(result["grid"]) as grid:  # the image and 6 token maps of 64 px, enlarged to 256, labelled
+        assert grid.size[0] > 7 * 256 and grid.size[1] > 256
+    # a factor given explicitly that the model lacks is refused in one line, before sampling
+    with pytest.raises(SystemExit) as e:
+        attention_maps_main(args[:5] + [str(tmp_path / "other")] + args[6:] + ["--attn_downsample", "4"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: --attn_downsample 4: this model has no cross-attention layers 4 "
+                                               "times smaller than the latent, only 1, 2; pass one of those or omit the flag")
+    assert not (tmp_path / "other" / "samples").exists()
+
+
+def test_attention_factors_and_the_pick(tiny_model, toy_model):
+    assert am.attention_factors(tiny_model.model.diffusion_model) == [1, 2, 4, 8]  # as SD v1
+    assert am.attention_factors(toy_model.model.diffusion_model) == [1, 2]
+    assert am.pick_downsample([1, 2, 4, 8], 64, 64) == 4
+    assert am.pick_downsample([1, 2], 8, 8) == 2
+    assert am.pick_downsample([2, 8], 8, 8) == 8  # as near to 4 as 2 on a log scale: the coarser
+    assert am.pick_downsample([1, 2, 4, 8], 6, 6) == 2  # 4 does not divide a 6x6 latent

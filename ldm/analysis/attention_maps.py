@@ -10,16 +10,20 @@ probabilities over every recorded call, i.e. over the layers of that resolution 
 Resolution: `downsample` is the UNet level as a factor of the latent side. The default 4 gives the 16x16 layers
 of SD at 512 px (latent 64x64), the resolution prompt-to-prompt averages; for the tiny model at 64 px (latent 8x8)
 it gives 2x2 maps. SD v1 has five cross-attention layers at each of the factors 1, 2 and 4 (two in the encoder,
-three in the decoder) and one at 8 (the middle block).
+three in the decoder) and one at 8 (the middle block). A model without layers at 4 (the toy model has them at 1
+and 2) gets the factor it has nearest to 4 (`pick_downsample`).
 
 Automatic mask (`concept_mask`): the map of a word (the mean over its token positions), upsampled bilinearly to the
 image, min-max normalised to [0, 1] and thresholded (value >= threshold is concept). A constant map carries no
 location, and gives an all-ones mask.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ldm.modules.attention import BasicTransformerBlock
+from ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
+from ldm.modules.diffusionmodules.openaimodel import Downsample
 
 
 class CrossAttentionRecorder:
@@ -75,6 +79,32 @@ def attention_grid(latent_h, latent_w, downsample):
         raise ValueError(f"--attn_downsample {downsample} does not divide the latent {latent_h}x{latent_w} "
                          f"(image / 8); pick a smaller factor or an image side that is a multiple of {8 * downsample}")
     return latent_h // downsample, latent_w // downsample
+
+
+def attention_factors(unet):
+    """The factors of the latent side at which `unet` has cross-attention layers, ascending ([1, 2, 4, 8] for SD v1).
+
+    Read from the encoder half and the middle block (the decoder mirrors the encoder): each Downsample halves the
+    side, each SpatialTransformer attends at the side it is at."""
+    factors, ds = set(), 1
+    for block in [*unet.input_blocks, unet.middle_block]:
+        if any(isinstance(m, SpatialTransformer) for m in block.modules()):
+            factors.add(ds)
+        if any(isinstance(m, Downsample) for m in block.modules()):
+            ds *= 2
+    return sorted(factors)
+
+
+def pick_downsample(factors, latent_h, latent_w, wanted=4):
+    """`wanted` if the model has cross-attention there, else the factor it has nearest to it (on a log scale; the
+    coarser of two equally near), among those that divide the latent."""
+    usable = [f for f in factors if latent_h % f == 0 and latent_w % f == 0]
+    if not usable:
+        raise ValueError(f"no cross-attention layer of this model fits the latent {latent_h}x{latent_w}: its layers are "
+                         f"{', '.join(map(str, factors))} times smaller; pick an image side that is a multiple of {8 * max(factors)}")
+    if wanted in usable:
+        return wanted
+    return min(usable, key=lambda f: (abs(math.log2(f) - math.log2(wanted)), -f))
 
 
 def prompt_positions(embedder, prompt, embedding_manager=None):
