@@ -1,25 +1,9 @@
 #!/usr/bin/env python
-"""Draw the demo concept (a circle striped purple and orange, base class word `circle`) into a folder of photos."""
-import argparse
-import os
-import sys
+"""Draw the demo concept (a circle striped purple and orange, base class word `circle`) into a folder of photos.
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ldm.toy.scenes import write_concept_folder  # noqa: E402
-from ldm.util import HelpFormatter  # noqa: E402
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--out", default="data/toy_concept", help="folder to write")
-    p.add_argument("--n", type=int, default=5, help="number of images")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0, help="layout seed")
-    opt = p.parse_args(argv)
-    paths = write_concept_folder(opt.out, opt.n, opt.size, opt.seed)
-    print(f"Wrote {len(paths)} images to {opt.out}")
-
+The command's code is in ldm/cli/make_example_data.py.
+"""
+from ldm.cli.make_example_data import main
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """The tiny SD checkpoint as `scripts/make_tiny_model.py` writes it."""
-    from scripts.make_tiny_model import main as make_tiny_model
+    from ldm.cli.make_tiny_model import main as make_tiny_model
 
     path = str(tmp_path_factory.mktemp("tiny") / "tiny-sd.ckpt")
     make_tiny_model(["--out", path])
@@ -46,7 +46,7 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def example_data(tmp_path_factory):
     """The demo concept's 5 photos as `scripts/make_example_data.py` draws them."""
-    from scripts.make_example_data import main as make_example_data
+    from ldm.cli.make_example_data import main as make_example_data
 
     folder = str(tmp_path_factory.mktemp("data") / "example")
     make_example_data(["--out", folder])

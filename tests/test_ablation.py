@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from scripts import ablation
+from ldm.cli import ablation
 
 from .conftest import TINY_FINETUNE
 

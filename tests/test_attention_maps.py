@@ -11,7 +11,7 @@ from ldm.evaluation.clip_metrics import load_mask_folder
 from ldm.images import list_images
 from ldm.modules.attention import CrossAttention
 from ldm.modules.embedding_manager import EmbeddingManager
-from scripts.attention_maps import main as attention_maps_main
+from ldm.cli.attention_maps import main as attention_maps_main
 
 from .conftest import TINY_INFERENCE, TOY_CKPT, TOY_INFERENCE
 

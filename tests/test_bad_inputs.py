@@ -39,8 +39,8 @@ import main
 from ldm.checkpoint import read_state_dict
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import instantiate_from_config
-from scripts import evaluate
-from scripts.txt2img import main as txt2img_main
+from ldm.cli import evaluate
+from ldm.cli.txt2img import main as txt2img_main
 
 from .conftest import TINY_FINETUNE, TINY_INFERENCE
 

@@ -22,7 +22,7 @@ def test_tiny_checkpoint_is_in_sd_format_and_loads(tiny_ckpt, tiny_model):
 
 def test_make_tiny_model_is_deterministic(tiny_ckpt, tmp_path):
     other = tmp_path / "again.safetensors"
-    from scripts.make_tiny_model import main
+    from ldm.cli.make_tiny_model import main
 
     main(["--out", str(other)])
     a, b = read_state_dict(tiny_ckpt), read_state_dict(str(other))

@@ -6,7 +6,7 @@ from PIL import Image
 from ldm.data.personalized import PersonalizedBase
 from ldm.evaluation import clip_metrics
 from ldm.images import UnreadableImage, list_images, load_grey, load_rgb
-from scripts import evaluate
+from ldm.cli import evaluate
 
 
 def _exif_rotated():

@@ -145,7 +145,7 @@ def test_example_script_renders_what_txt2img_renders(concept, tiny_ckpt, tmp_pat
     from PIL import Image
 
     from ldm.sampling import sample_images, to_uint8
-    from scripts.diffusers_example import main
+    from ldm.cli.diffusers_example import main
 
     model, adapter_dir = concept
     folder = str(tmp_path / "pipeline")
@@ -165,7 +165,7 @@ def test_example_script_renders_what_txt2img_renders(concept, tiny_ckpt, tmp_pat
 
 
 def test_example_script_refuses_a_folder_without_pipeline(tmp_path, capsys):
-    from scripts.diffusers_example import main
+    from ldm.cli.diffusers_example import main
 
     with pytest.raises(SystemExit) as e:
         main(["--model", str(tmp_path), "--adapter", str(tmp_path)])

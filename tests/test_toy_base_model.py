@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from ldm.toy.base_model import rescale_latents
 from ldm.toy.scenes import random_scene, scene_batch
 from ldm.toy.shaping import SHIPPED
-from scripts.train_toy_base import get_parser, main
+from ldm.cli.train_toy_base import get_parser, main
 
 from .conftest import TOY_CKPT, TOY_INFERENCE
 

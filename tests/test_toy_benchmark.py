@@ -5,7 +5,7 @@ from PIL import Image
 
 from ldm.report import GAP
 
-from scripts.toy_benchmark import CONCEPT_PROMPTS, PRIOR_PROMPTS, main
+from ldm.cli.toy_benchmark import CONCEPT_PROMPTS, PRIOR_PROMPTS, main
 
 
 def test_benchmark_writes_table_plot_and_samples(tmp_path, example_data):

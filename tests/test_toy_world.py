@@ -35,7 +35,7 @@ SQUARE_FIDELITY_CHANGE_MAX = 0.05
 
 
 def test_demo_learns_the_concept_and_keeps_backgrounds_and_squares(tmp_path, example_data):
-    from scripts.demo import PROMPTS, main
+    from ldm.cli.demo import PROMPTS, main
 
     logdir, grid, results = main(["--data_root", example_data, "--logdir", str(tmp_path / "logs"),
                                   "--outdir", str(tmp_path / "out")])

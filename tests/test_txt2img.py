@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from ldm.checkpoint import fingerprint
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.util import load_model_from_config
-from scripts.txt2img import main as txt2img_main
+from ldm.cli.txt2img import main as txt2img_main
 
 TINY = "configs/tiny/v1-inference.yaml"
 PROMPT = "circle on a green background"

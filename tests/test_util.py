@@ -39,7 +39,7 @@ def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
 
 def test_help_keeps_the_docstring_paragraphs_and_shows_defaults(monkeypatch):
     import main
-    from scripts import attention_maps
+    from ldm.cli import attention_maps
 
     monkeypatch.setenv("COLUMNS", "80")
     text = attention_maps.get_parser().format_help()

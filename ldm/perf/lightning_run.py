@@ -8,7 +8,6 @@ i.e. the run's fixed cost (start-up, model build, first steps, saving) plus 1000
 (`batch_frequency=0`); a real 1000-step run adds two of them (steps 500 and 1000), reported separately.
 """
 import glob
-import importlib.util
 import os
 import re
 import subprocess
@@ -27,17 +26,10 @@ def write_photos(folder, n, size, seed=0):
     return folder
 
 
-def main_py():
-    spec = importlib.util.find_spec("main")
-    if spec is None or not spec.origin:
-        raise ValueError("main.py not found; run from the project's folder")
-    return spec.origin
-
-
 def run(config_path, workdir, size, steps, every, gpu, overrides=()):
     data = write_photos(os.path.join(workdir, "photos"), 4, size)
     logdir = os.path.join(workdir, "logs")
-    argv = [sys.executable, main_py(), "--base", config_path, "-t", "--data_root", data, "--init_word", "teddybear",
+    argv = [sys.executable, "-m", "ldm.cli.train", "--base", config_path, "-t", "--data_root", data, "--init_word", "teddybear",
             "--logdir", logdir, "--seed", "0"] + (["--gpus", "0,"] if gpu else []) + [
         f"lightning.trainer.max_steps={steps}", f"lightning.modelcheckpoint.params.every_n_train_steps={every}",
         "lightning.callbacks.image_logger.params.batch_frequency=0", f"data.params.train.params.size={size}",

@@ -1,0 +1,1 @@
+"""The commands: `python main.py`, `python scripts/<name>.py` and the `catversion-*` console commands run these."""

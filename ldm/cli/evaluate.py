@@ -1,0 +1,169 @@
+"""Score generated images against reference images with CLIP: CLIP-I, CLIP-T, their geometric
+mean and, when masks are given, masked CLIP-I (the concept region only).
+
+Writes the means and per-image scores as JSON to --out, the per-image rows as CSV and a bar chart
+of the means as PNG beside it (same stem), and prints a table. The metric code lives in
+ldm/evaluation/clip_metrics.py; this file only parses arguments and writes the results.
+"""
+
+import argparse
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+# Let `python scripts/evaluate.py` find the `ldm` package without installing the repository.
+
+from ldm.evaluation import clip_metrics
+from ldm.images import list_images, load_rgb
+from ldm.util import HelpFormatter, atomic_write, one_line_errors
+
+MASK_RULE = (
+    "Masked CLIP-I: on both sides, pixels outside the mask become the CLIP mean grey RGB "
+    f"{clip_metrics.FILL}, the image is cropped to the mask's bounding box and padded to a centred "
+    "square with the same grey, then CLIP's usual preprocessing follows. Masks are PNGs matched to "
+    "images by file stem (greyscale pixel > 127 = concept), resized to their image (nearest) if needed."
+)
+LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "geometric_mean": "geometric mean", "masked_clip_i": "masked CLIP-I"}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=HelpFormatter,
+        epilog=MASK_RULE + " The geometric mean is sqrt(max(CLIP-I,0) * max(CLIP-T,0)).",
+    )
+    parser.add_argument("--ref_dir", required=True, help="reference images of the concept (jpg/jpeg/png/webp)")
+    parser.add_argument("--gen_dir", required=True, help="generated images")
+    parser.add_argument("--prompt", required=True, help="text scored against the generated images (CLIP-T)")
+    parser.add_argument("--clip_weights", required=True, help="local open_clip state dict (.bin/.pt/.pth/.safetensors)")
+    parser.add_argument("--clip_model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32)")
+    parser.add_argument(
+        "--quick_gelu",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="force QuickGELU as in OpenAI's CLIP weights (default); --no-quick_gelu for GELU-trained weights",
+    )
+    parser.add_argument("--ref_masks", help="folder of reference masks (enables masked CLIP-I; needs --gen_masks)")
+    parser.add_argument("--gen_masks", help="folder of generated-image masks (needs --ref_masks)")
+    parser.add_argument("--out", required=True, help="JSON output; the .csv and .png go beside it")
+    parser.add_argument("--batch_size", type=int, default=16, help="images per CLIP forward pass")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return parser.parse_args(argv)
+
+
+def run(args):
+    out = Path(args.out)
+    if out.suffix.lower() in (".csv", ".png"):
+        raise ValueError(f"--out {out} would be overwritten by the CSV/PNG written beside it; name it .json")
+    if (args.ref_masks is None) != (args.gen_masks is None):
+        raise ValueError("--ref_masks and --gen_masks go together; pass both or neither")
+    # Cheap input checks first, so that a wrong folder, an unreadable image or an output path that cannot be
+    # written is reported before CLIP is built (and before anything is written).
+    check_writable(out)
+    ref_paths = list_images(args.ref_dir)
+    gen_paths = list_images(args.gen_dir)
+    ref_masks = gen_masks = None
+    if args.ref_masks is not None:
+        ref_masks = clip_metrics.load_mask_folder(args.ref_masks, list(ref_paths))
+        gen_masks = clip_metrics.load_mask_folder(args.gen_masks, list(gen_paths))
+    ref_images = {stem: load_rgb(path) for stem, path in ref_paths.items()}
+    gen_images = {stem: load_rgb(path) for stem, path in gen_paths.items()}
+    clip = clip_metrics.load_clip(args.clip_model, args.clip_weights, args.device, args.quick_gelu)
+    result = clip_metrics.compute_metrics(
+        clip,
+        ref_images,
+        gen_images,
+        args.prompt,
+        ref_masks,
+        gen_masks,
+        args.batch_size,
+    )
+    for row in result["per_image"]:
+        row["image"] = os.path.basename(gen_paths[row["image"]])
+    report = {
+        "clip_model": args.clip_model,
+        "clip_weights": str(args.clip_weights),
+        "prompt": args.prompt,
+        "num_ref": len(ref_paths),
+        "num_gen": len(gen_paths),
+        **result,
+    }
+    write_outputs(out, report)
+    print(format_table(report))
+
+
+def check_writable(out):
+    """Refuse an --out whose folder cannot be created or written (e.g. a path under a regular file)."""
+    existing = out.resolve().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write {out}: {existing} is a file, not a folder; pass another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {out}: {existing} is not writable; pass another --out")
+
+
+def metric_keys(report):
+    return [key for key in LABELS if key in report]
+
+
+def format_table(report):
+    columns = [key for key in metric_keys(report) if key != "geometric_mean"]
+    width = max(len("mean"), *(len(row["image"]) for row in report["per_image"]))
+    lines = ["  ".join([f"{'image':<{width}}"] + [f"{LABELS[key]:>13}" for key in columns])]
+    for row in report["per_image"]:
+        lines.append("  ".join([f"{row['image']:<{width}}"] + [f"{row[key]:>13.4f}" for key in columns]))
+    lines.append("  ".join([f"{'mean':<{width}}"] + [f"{report[key]:>13.4f}" for key in columns]))
+    lines.append(f"geometric mean of CLIP-I and CLIP-T: {report['geometric_mean']:.4f}")
+    return "\n".join(lines)
+
+
+def write_outputs(out, report):
+    """JSON at `out`, per-image CSV and bar-chart PNG beside it; all rendered before any is written."""
+    rows = io.StringIO()
+    fields = ["image"] + [key for key in metric_keys(report) if key != "geometric_mean"]
+    writer = csv.DictWriter(rows, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(report["per_image"])
+    payloads = {
+        out: (json.dumps(report, indent=2) + "\n").encode(),
+        out.with_suffix(".csv"): rows.getvalue().encode(),
+        out.with_suffix(".png"): bar_chart(report),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, data in payloads.items():
+        atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
+
+
+def bar_chart(report):
+    """PNG bytes of a bar chart of the mean scores."""
+    # Figure + Agg canvas directly: no pyplot, so no global backend or figure state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = metric_keys(report)
+    values = [report[key] for key in keys]
+    figure = Figure(figsize=(1.6 * len(keys) + 1, 3.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    bars = axes.bar([LABELS[key] for key in keys], values, color="tab:blue")
+    axes.bar_label(bars, fmt="%.3f")
+    axes.set_ylim(min(0.0, *values), 1.05)
+    axes.set_ylabel("cosine similarity")
+    axes.set_title(f"{report['clip_model']}, {report['num_gen']} generated vs {report['num_ref']} reference images")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with one_line_errors(args.debug):  # OSError too: e.g. the disk filling up while the results are written
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

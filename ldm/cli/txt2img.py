@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Sample Stable Diffusion v1.5 with learned CatVersion concepts (the reference's scripts/txt2img_generator.py).
+
+    python scripts/txt2img.py --ckpt_path models/sd/v1-5.ckpt \\
+        --embedding_path logs/teddybear/checkpoints/adapter --prompt "teddybear on the beach" --seed 78
+
+Write prompts with the concept's base class word (the word it was trained with, e.g. `teddybear`): the learned keys
+and values act on every prompt, and turn "a teddybear" into "this teddybear". Images go to
+<outdir>/<prompt-with-dashes>/<prompt-with-dashes>_<seed>.png, plus grid.png; iteration i uses seed + i.
+
+--strength s scales a concept: the extra tokens' attention weights are multiplied by s (log s added to their
+logits), as if the concept token were present s times. 0 is the base model bit for bit, 1 the adapter as trained;
+values in between weaken it, above 1 exaggerate it.
+
+Several --embedding_path values stack concepts: the keys/values of all of them are concatenated in the same layers,
+inside one softmax, so each adds its own residual to the attention output (a little diluted by the others). That
+works for concepts of DIFFERENT base class words (`teddybear` and `colorful_teapot` in one prompt); if one comes out
+weak, raise its --strength (one value per adapter). Two concepts of the SAME class word compete: both steer the same
+word, and the result is a blend of the two, not two distinct objects.
+
+The unconditional embedding (empty prompt, encoded without adapters) is computed once per base model and cached in
+--uc_dir under the checkpoint's fingerprint, as the reference ships models/uc.pt.
+"""
+import argparse
+import os
+import sys
+import warnings
+
+
+from ldm.util import HelpFormatter, add_sampling_args
+
+RANDOM_WEIGHTS = "none"
+
+
+def default_device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="teddybear on the beach", help="the prompt to render")
+    src.add_argument("--from-file", dest="from_file", default=None,
+                     help="a text file with one prompt per line (blank lines skipped); each prompt gets its own folder")
+    p.add_argument("--outdir", default="outputs/txt2img-samples", help="folder to write results to")
+    p.add_argument("--plms", action="store_true", help="use PLMS sampling (deterministic; no --ddim_eta)")
+    p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0 = deterministic sampling)")
+    p.add_argument("--n_iter", type=int, default=1, help="iterations per prompt; iteration i uses seed + i")
+    p.add_argument("--n_samples", type=int, default=1, help="batch size: images per iteration")
+    add_sampling_args(p)
+    p.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml", help="model config")
+    p.add_argument("--ckpt_path", default="models/sd/v1-5.ckpt",
+                   help=f"SD v1.x checkpoint (.ckpt or .safetensors) or diffusers folder; '{RANDOM_WEIGHTS}' builds the model with random "
+                        "weights, for smoke tests only")
+    p.add_argument("--embedding_path", nargs="*", default=[],
+                   help="CatVersion adapter(s): a training run's checkpoints/adapter folder, a catversion.safetensors "
+                        "or the authors' pytorch_adapter.bin; several values stack concepts (see above); a Textual Inversion "
+                        "embeddings.pt also works (put its placeholder, e.g. *, in the prompt); none: plain SD")
+    p.add_argument("--strength", type=float, nargs="+", default=[1.0],
+                   help="concept strength: one value for all adapters or one per adapter; 0 = base model, 1 = as trained")
+    p.add_argument("--uc_dir", default="models/uc",
+                   help="cache folder for the unconditional embedding, one file per base model; '' disables the cache")
+    p.add_argument("--device", default=default_device(), help="torch device: cuda if available, else cpu")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def read_prompts(opt):
+    if opt.from_file is None:
+        return [opt.prompt]
+    if not os.path.isfile(opt.from_file):
+        raise ValueError(f"prompt file not found: {opt.from_file}; pass a text file with one prompt per line")
+    with open(opt.from_file, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {opt.from_file} has no prompts; write one prompt per line")
+    return prompts
+
+
+def check_device(name):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} but CUDA is not available here; use --device cpu")
+    return device
+
+
+def run(opt):
+    from omegaconf import OmegaConf
+
+    from ldm import sampling
+
+    # Everything that can be checked cheaply is checked before the model costs time to load and before any file is written.
+    prompts = read_prompts(opt)
+    device = check_device(opt.device)
+    ckpt_path = None if opt.ckpt_path.lower() == RANDOM_WEIGHTS else opt.ckpt_path
+    if not os.path.isfile(opt.config):
+        raise ValueError(f"config not found: {opt.config}; pass --config configs/stable-diffusion/v1-inference.yaml")
+    config = OmegaConf.load(opt.config)
+    sampling.check_sampling_args(opt.H, opt.W, opt.scale, opt.n_samples, opt.n_iter, opt.ddim_steps, opt.ddim_eta,
+                                 opt.plms, opt.seed, OmegaConf.select(config, "model.params.timesteps", default=1000))
+    sampling.check_output_dir(opt.outdir)
+    sampling.prompt_names(prompts)
+    if ckpt_path is None:
+        print("Warning: --ckpt_path none: random weights, the images are noise (smoke test)")
+    # load_model checks the checkpoint path, the adapters and the strengths before it builds anything.
+    model = sampling.load_model(config, ckpt_path, device, opt.embedding_path, opt.strength)
+    results = sampling.generate(model, prompts, opt.outdir, ddim_steps=opt.ddim_steps, plms=opt.plms,
+                                ddim_eta=opt.ddim_eta, n_iter=opt.n_iter, n_samples=opt.n_samples, H=opt.H, W=opt.W,
+                                scale=opt.scale, seed=opt.seed, uc_dir=opt.uc_dir)
+    for result in results.values():
+        print(f"Your samples are ready and waiting for you here: {result['folder']}")
+    return results
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None):
+    # One plain line on stderr: a truncated prompt must be noticed, not buried under a source-code excerpt.
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv=None):
+    from ldm.util import one_line_errors
+
+    opt = get_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        with one_line_errors(opt.debug):
+            return run(opt)
+
+
+if __name__ == "__main__":
+    main()
