@@ -156,7 +156,7 @@ class AdapterSummary(ModelSummary):
 
     The CatVersion adapter lives outside `parameters()` on purpose (see FrozenCLIPEmbedder), so Lightning alone
     reports "Trainable params: 0" for a run that trains it; here the trainable numbers are the model's
-    `trainable_parameters()`, counted once whether or not they are registered parameters (Textual Inversion's are)."""
+    `trainable_parameters()` (Textual Inversion's vectors sit outside too), counted once even if registered."""
 
     def on_fit_start(self, trainer, pl_module):
         if not self._max_depth or not trainer.is_global_zero:

@@ -42,6 +42,8 @@ def test_two_variants_end_to_end_write_the_table(tiny_ckpt, example_data, tmp_pa
     assert md.count("| catversion |") == 2
     with Image.open(paths["png"]) as im:
         assert im.format == "PNG"
+    with Image.open(paths["samples"]) as im:  # one labelled row per variant; the 64 px image enlarged to 256
+        assert im.size[0] > 256 and im.size[1] > 2 * 256
 
 
 def test_bad_concept_and_variant_are_refused(tiny_ckpt, tmp_path, capsys):
