@@ -13,10 +13,11 @@ OUTDIR="${OUTDIR:-outputs/txt2img-samples}"
 UC_DIR="${UC_DIR:-models/uc}"
 PYTHON="${PYTHON:-python}"
 # The toy fallback: its checkpoint (shipped), its number of DDIM steps, and the demo's adapter
-# (default: the newest logs/*example*/checkpoints/adapter, i.e. what the demo trained).
+# (default: the newest logs/*_demo/checkpoints/adapter, i.e. what `python scripts/demo.py` trained).
 TOY_CKPT="${TOY_CKPT:-models/toy/toy-sd.ckpt}"
 TOY_STEPS="${TOY_STEPS:-50}"
 TOY_ADAPTER="${TOY_ADAPTER:-}"
+LOGDIR="${LOGDIR:-logs}"  # where the demo put its run (its --logdir)
 
 txt2img() {
     "$PYTHON" scripts/txt2img.py --ddim_eta 0.0 --n_samples 1 --n_iter 1 --scale 10 --outdir "$OUTDIR" --uc_dir "$UC_DIR" "$@"
@@ -44,20 +45,20 @@ fi
 cat <<EOF
 Stable Diffusion v1.5 weights not found at $SD_CKPT.
 To run the reference examples, get the real weights (about 4 GB; accept the license on the model card):
-  download v1-5-pruned-emaonly.ckpt from the runwayml/stable-diffusion-v1-5 model card on Hugging Face
-  (https://huggingface.co/runwayml/stable-diffusion-v1-5) and save it as models/sd/v1-5.ckpt
-  (or run with SD_CKPT=/path/to/v1-5.ckpt sh run.sh).
-Meanwhile, a small example on the toy world's model (64x64, $TOY_STEPS steps; README, "The toy world").
+  download v1-5-pruned-emaonly.safetensors (or .ckpt) from the stable-diffusion-v1-5/stable-diffusion-v1-5 model
+  card on Hugging Face (the runwayml copy was removed in 2024) and save it as models/sd/v1-5.ckpt (a .ckpt) or
+  pass SD_CKPT=models/sd/v1-5.safetensors (a .safetensors keeps its extension)
+Meanwhile, a small example on the toy world's model (64x64, $TOY_STEPS steps; docs/toy-world.md).
 EOF
 
 if [ -z "$TOY_ADAPTER" ]; then
-    TOY_ADAPTER=$(ls -dt logs/*example*/checkpoints/adapter 2>/dev/null | head -n 1)
+    TOY_ADAPTER=$(ls -dt "$LOGDIR"/*_demo/checkpoints/adapter 2>/dev/null | head -n 1)
 fi
 if [ -n "$TOY_ADAPTER" ]; then
     echo "Using the demo's adapter $TOY_ADAPTER (concept word: circle)."
     set -- --embedding_path "$TOY_ADAPTER"
 else
-    echo "No demo adapter found (logs/*example*/checkpoints/adapter; python scripts/demo.py makes one): sampling the toy model without an adapter."
+    echo "No demo adapter found ($LOGDIR/*_demo/checkpoints/adapter; python scripts/demo.py makes one): sampling the toy model without an adapter."
     set --
 fi
 txt2img --config configs/toy/v1-inference.yaml --ckpt_path "$TOY_CKPT" --H 64 --W 64 --ddim_steps "$TOY_STEPS" \

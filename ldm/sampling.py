@@ -30,7 +30,8 @@ from ldm.util import atomic_write, load_model_from_config
 UC_DIR = "models/uc"
 LATENT_FACTOR = 8  # the SD v1 VAE (and the tiny one) halves the resolution three times
 MAX_NAME_BYTES = 100  # file-name stems stay far below the usual 255-byte limit, room left for `_<seed>_<k>.png`
-SD_WEIGHTS_HINT = "v1-5-pruned-emaonly.ckpt from the runwayml/stable-diffusion-v1-5 model card, saved as models/sd/v1-5.ckpt"
+SD_WEIGHTS_HINT = ("v1-5-pruned-emaonly.ckpt from the stable-diffusion-v1-5/stable-diffusion-v1-5 model card, saved as "
+                   "models/sd/v1-5.ckpt")
 
 _UNSAFE = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f]')
 

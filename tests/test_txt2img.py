@@ -1,4 +1,5 @@
 """scripts/txt2img.py and run.sh on the tiny model (64x64 images, 2 DDIM steps)."""
+import glob
 import os
 import subprocess
 import sys
@@ -256,7 +257,7 @@ def test_run_sh_without_sd_weights_explains_and_samples_the_toy_model(tmp_path):
     toy.cond_stage_model.adapter_save(adapter)
     proc = _run_sh(tmp_path, TOY_STEPS="2", TOY_ADAPTER=adapter)
     assert proc.returncode == 0, proc.stderr
-    assert "v1-5-pruned-emaonly.ckpt" in proc.stdout and "runwayml/stable-diffusion-v1-5" in proc.stdout
+    assert "v1-5-pruned-emaonly" in proc.stdout and "stable-diffusion-v1-5/stable-diffusion-v1-5" in proc.stdout
     assert "models/sd/v1-5.ckpt" in proc.stdout and f"Using the demo's adapter {adapter}" in proc.stdout
     image = tmp_path / "out" / NAME / f"{NAME}_857.png"
     assert pixels(image).shape == (64, 64, 3) and (tmp_path / "out" / NAME / "grid.png").is_file()
@@ -265,6 +266,20 @@ def test_run_sh_without_sd_weights_explains_and_samples_the_toy_model(tmp_path):
                            "--ddim_steps", "2", "--outdir", str(tmp_path / "direct"), "--uc_dir", str(tmp_path / "uc2"),
                            "--device", "cpu", "--prompt", PROMPT, "--seed", "857", "--embedding_path", adapter])
     assert np.array_equal(only_image(direct), pixels(image))
+
+
+def test_run_sh_finds_the_adapter_the_demo_just_trained(tmp_path):
+    """The demo's run folder is `<data><time>_demo`; run.sh's toy example must pick its adapter up by itself."""
+    from ldm.cli.demo import main as demo_main
+
+    logs = tmp_path / "logs"
+    demo_main(["--steps", "2", "--n", "2", "--logdir", str(logs), "--data_root", str(tmp_path / "data"),
+               "--outdir", str(tmp_path / "demo")])
+    adapter = glob.glob(str(logs / "*_demo" / "checkpoints" / "adapter"))
+    assert len(adapter) == 1
+    proc = _run_sh(tmp_path, TOY_STEPS="2", LOGDIR=str(logs))
+    assert proc.returncode == 0, proc.stderr
+    assert f"Using the demo's adapter {adapter[0]} (concept word: circle)." in proc.stdout
 
 
 def test_run_sh_with_sd_weights_but_no_adapters_says_how_to_train_them(tiny_ckpt, tmp_path):

@@ -19,11 +19,11 @@ from omegaconf import OmegaConf
 from ldm.checkpoint import save_checkpoint
 from ldm.toy.base_model import train_base_model
 from ldm.toy.shaping import SHIPPED
-from ldm.util import atomic_write, one_line_errors
+from ldm.util import HelpFormatter, atomic_write, one_line_errors
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="models/toy/toy-sd.ckpt", help="SD checkpoint to write (.ckpt or .safetensors)")
     p.add_argument("--config", default="configs/toy/v1-inference.yaml", help="model config")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the scenes and the noise")
