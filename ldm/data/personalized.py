@@ -100,11 +100,20 @@ class PersonalizedBase(Dataset):
             img = ImageOps.mirror(img)
         return (np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
 
-    def __getitem__(self, i):
-        flip = random.random() < self.flip_p
+    def __getitem__(self, key):
+        """Item `key`: an index, or `(index, item_seed)` as `ResumableSampler` yields them.
+
+        The flip and the caption are drawn as in the reference (flip with probability flip_p, a caption uniformly from
+        the templates), but, with an `item_seed`, from `random.Random(item_seed)` instead of the process's global
+        random streams, which the authors' code draws them from. A deliberate change: each item's draws are the same whichever
+        DataLoader worker loads it and whenever, so a resumed run sees exactly the items an uninterrupted one would
+        have (the workers' global streams are seeded anew when a run starts); the distribution is unchanged."""
+        i, item_seed = key if isinstance(key, tuple) else (key, None)
+        rng = random if item_seed is None else random.Random(item_seed)
+        flip = rng.random() < self.flip_p
         return {
             "image": self.prepare(i, flip),
-            "caption": random.choice(self.captions),
+            "caption": rng.choice(self.captions),
             # Which picture this is: a trainer may cache its VAE latents per (index, flip) (LatentDiffusion's fast path).
             "index": i % self.num_images,
             "flip": flip,
