@@ -1,6 +1,7 @@
 """The reference's `DataModuleFromConfig`: datasets built from config, batched by Lightning, in an order that
 `--resume` continues exactly."""
 import math
+import warnings
 
 import pytorch_lightning as pl
 import torch
@@ -74,10 +75,14 @@ class ResumableSampler(Sampler):
                 "length": self.length, "permutation": self.permutation(epoch).clone()}
 
     def load_state_dict(self, state):
-        if state["length"] != self.length:
-            raise ValueError(f"cannot resume: the data has {self.length} items (images x repeats), the checkpoint's run had "
-                             f"{state['length']}; resume with the run's images and data.params.train.params.repeats")
         self.seed = state["seed"]
+        if state["length"] != self.length:
+            # Other pictures or repeats than the checkpoint's run (deliberate or not): its order cannot go on, so the
+            # next data epoch starts at once. Training goes on; it is no longer what an uninterrupted run would do.
+            warnings.warn(f"the data has {self.length} items (images x repeats), the checkpoint's run had {state['length']}: "
+                          "its data order starts a new epoch, so this run no longer continues exactly")
+            self.anchor = (state["epoch"] + 1, 0, state["consumed_batches"])
+            return
         self.anchor = (state["epoch"], state["position"], state["consumed_batches"])
         self._permutation = (state["epoch"], state["permutation"])
 
