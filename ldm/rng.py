@@ -6,7 +6,6 @@ tensors and plain Python values.
 """
 import warnings
 
-import numpy as np
 import torch
 from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 

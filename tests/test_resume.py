@@ -162,3 +162,32 @@ def test_resume_with_other_data_warns_and_trains_on(straight, tmp_path):
                                          "data order starts a new epoch, so this run no longer continues exactly"):
         resume(copy_dir, STRAIGHT_STEPS + 2, extra=["data.params.train.params.repeats=5"])
     assert last_ckpt(copy_dir)["DataModuleFromConfig"]["sampler"]["epoch"] == 2
+
+
+def test_sampler_goes_on_from_the_count_of_consumed_batches():
+    """The order depends on the seed and the consumed-batch count only, not on what was fetched ahead."""
+    from ldm.data.datamodule import ResumableSampler
+
+    count = {"batches": 0}
+    straight = ResumableSampler(5, 2, seed=7, consumed_batches=lambda: count["batches"])
+    epochs = []
+    for _ in range(3):  # 3 batches an epoch, the last one short
+        epochs.append(list(straight))
+        count["batches"] += 3
+    assert all(sorted(i for i, _ in epoch) == list(range(5)) for epoch in epochs) and epochs[0] != epochs[1]
+    assert len({item_seed for epoch in epochs for _, item_seed in epoch}) == 15  # every (epoch, index) its own draws
+
+    count["batches"] = 3
+    interrupted = ResumableSampler(5, 2, seed=7, consumed_batches=lambda: count["batches"])
+    assert list(interrupted) == epochs[1]  # the whole second epoch handed out (fetched ahead) ...
+    count["batches"] = 4  # ... but only its first batch trained on when the checkpoint is written
+    state = interrupted.state_dict()
+    assert (state["epoch"], state["position"], state["consumed_batches"]) == (1, 2, 4)
+    resumed = ResumableSampler(5, 2, seed=0, consumed_batches=lambda: count["batches"])
+    resumed.load_state_dict(state)
+    assert list(resumed) == epochs[1][2:]
+    count["batches"] = 6
+    assert list(resumed) == epochs[2]
+
+    alone = ResumableSampler(5, 2, seed=7)  # outside a trainer every iteration is a whole epoch
+    assert [list(alone) for _ in range(3)] == epochs

@@ -71,7 +71,8 @@ class ResumableSampler(Sampler):
     def state_dict(self):
         batches = self.consumed_batches()
         epoch, position = self.position_after(batches) if batches is not None else self.anchor[:2]
-        return {"seed": self.seed, "epoch": epoch, "position": position, "consumed_batches": batches or 0,
+        batches = self.anchor[2] if batches is None else batches
+        return {"seed": self.seed, "epoch": epoch, "position": position, "consumed_batches": batches,
                 "length": self.length, "permutation": self.permutation(epoch).clone()}
 
     def load_state_dict(self, state):
@@ -109,22 +110,24 @@ class DataModuleFromConfig(pl.LightningDataModule):
             return None
         return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
+    def _distributed(self):
+        return self.trainer is not None and self.trainer.world_size > 1
+
     def train_dataloader(self):
         self.setup()
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            sampler=self.sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            # Our own generator: a DataLoader without one draws its workers' base seed from the global torch stream
-            # whenever it starts iterating, which --resume does at another point than an uninterrupted run.
-            generator=torch.Generator().manual_seed(self.seed % 2**64),
-        )
+        loader = {"batch_size": self.batch_size, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if self._distributed():
+            # Several processes: Lightning gives each its share through a DistributedSampler, which would wrap ours
+            # and needs every iteration to cover a whole epoch. Such runs resume at the right step, not bit for bit.
+            return DataLoader(self.train_dataset, shuffle=True, **loader)
+        # Our own generator: a DataLoader without one draws its workers' base seed from the global torch stream
+        # whenever it starts iterating, which --resume does at another point than an uninterrupted run.
+        return DataLoader(self.train_dataset, sampler=self.sampler, generator=torch.Generator().manual_seed(self.seed % 2**64),
+                          **loader)
 
     # Saved in every checkpoint (Lightning calls these with the LightningModule's hooks): where the data order stands.
     def state_dict(self):
-        return {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
+        return {"sampler": self.sampler.state_dict()} if self.sampler is not None and not self._distributed() else {}
 
     def load_state_dict(self, state):
         if "sampler" in state:

@@ -103,11 +103,12 @@ class PersonalizedBase(Dataset):
     def __getitem__(self, key):
         """Item `key`: an index, or `(index, item_seed)` as `ResumableSampler` yields them.
 
-        The flip and the caption are drawn as in the reference (flip with probability flip_p, a caption uniformly from
-        the templates), but, with an `item_seed`, from `random.Random(item_seed)` instead of the process's global
-        random streams, which the authors' code draws them from. A deliberate change: each item's draws are the same whichever
-        DataLoader worker loads it and whenever, so a resumed run sees exactly the items an uninterrupted one would
-        have (the workers' global streams are seeded anew when a run starts); the distribution is unchanged."""
+        As in the reference, the picture is mirrored with probability flip_p and gets a caption drawn uniformly from the
+        template list. With an `item_seed` both draws come from `random.Random(item_seed)`; the authors' code (and a
+        plain index here) draws them from the process's global random streams. A deliberate change that leaves the
+        distribution as it was: an item's draws no longer depend on which DataLoader worker loads it, or when (the
+        workers' global streams are seeded anew whenever a run starts), so a resumed run sees exactly the items an
+        uninterrupted one would have."""
         i, item_seed = key if isinstance(key, tuple) else (key, None)
         rng = random if item_seed is None else random.Random(item_seed)
         flip = rng.random() < self.flip_p
