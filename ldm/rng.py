@@ -11,7 +11,10 @@ from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 
 def collect_rng_states():
-    states = _collect_rng_states(include_cuda=True)
+    # A process that never used CUDA has nothing to save there (its CUDA streams are still as seeded), and asking
+    # would start CUDA in a CPU run on a machine with GPUs.
+    states = _collect_rng_states(include_cuda=torch.cuda.is_initialized())
+    states.setdefault("torch.cuda", [])
     name, keys, pos, has_gauss, cached_gaussian = states["numpy"]
     states["numpy"] = [name, torch.from_numpy(keys.copy()), pos, has_gauss, cached_gaussian]
     return states

@@ -174,10 +174,9 @@ class LatentDiffusion(pl.LightningModule):
             return self.get_learned_conditioning(captions)
         start = enc.first_adapted_layer
         distinct = list(dict.fromkeys(captions))
-        missing = [c for c in distinct if (c, start) not in self._text_cache]
-        if missing:
-            for caption, hidden in zip(missing, enc.frozen_hidden_states(enc.tokenize(missing), start)):
-                self._text_cache[(caption, start)] = hidden
+        for caption in distinct:
+            if (caption, start) not in self._text_cache:  # one caption at a time, as the pictures in _posterior
+                self._text_cache[(caption, start)] = enc.frozen_hidden_states(enc.tokenize([caption]), start)[0]
         cond = enc.encode_from_hidden(torch.stack([self._text_cache[(c, start)] for c in distinct]), start)
         if len(distinct) == 1:
             # A view of the one row: the UNet's cross-attention can then project it once for the whole batch.
