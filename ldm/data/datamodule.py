@@ -14,10 +14,10 @@ class ResumableSampler(Sampler):
     """A new random order of the dataset every data epoch, as `DataLoader(shuffle=True)` gives, such that an
     interrupted run goes on with the very items an uninterrupted one would have drawn.
 
-    Epoch e's order is `randperm` from a generator seeded with `seed + e` (the run's seed, no global random state),
-    and each item comes as the key `(index, item_seed)`, `item_seed` naming (seed, epoch, index): the dataset draws
-    the item's own random choices (flip, caption) from it, so they do not depend on which process or in which order
-    items are loaded (DataLoader workers, prefetching).
+    Epoch e's order is `randperm` from a generator seeded with `seed + e` (the run's seed, no global random state).
+    With `item_seeds` each item comes as the key `(index, item_seed)`, `item_seed` naming (seed, epoch, index), and the
+    dataset draws the item's own random choices (flip, caption) from it, so they do not depend on which process loads
+    it or when (DataLoader workers, prefetching); otherwise as a plain index.
 
     Where the run stands is counted in batches consumed by training (`consumed_batches()`, the trainer's count, which
     a checkpoint restores), not in items handed out: Lightning and the DataLoader workers fetch batches ahead, and
@@ -26,8 +26,8 @@ class ResumableSampler(Sampler):
     Lightning counts; a run stopped by max_steps mid-epoch is counted as a finished epoch by Lightning.
     """
 
-    def __init__(self, length, batch_size, seed, consumed_batches=None):
-        self.length, self.batch_size, self.seed = length, batch_size, seed
+    def __init__(self, length, batch_size, seed, consumed_batches=None, item_seeds=True):
+        self.length, self.batch_size, self.seed, self.item_seeds = length, batch_size, seed, item_seeds
         self.consumed_batches = consumed_batches or (lambda: None)
         self.anchor = (0, 0, 0)  # (epoch, position, anchor_batches)
         self._permutation = (None, None)  # (epoch, its order): one epoch's order is kept, for state_dict
@@ -66,7 +66,7 @@ class ResumableSampler(Sampler):
             self.anchor = (epoch, position, batches)
         # Only to the end of this data epoch: the next iteration starts the next one.
         order = self.permutation(epoch)[position:].tolist()
-        return iter([(i, f"{self.seed}:{epoch}:{i}") for i in order])
+        return iter([(i, f"{self.seed}:{epoch}:{i}") for i in order] if self.item_seeds else order)
 
     def state_dict(self):
         batches = self.consumed_batches()
@@ -102,7 +102,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
     def setup(self, stage=None):
         if self.train_dataset is None:
             self.train_dataset = instantiate_from_config(self.train_config)
-            self.sampler = ResumableSampler(len(self.train_dataset), self.batch_size, self.seed, self._consumed_batches)
+            # A dataset of another kind gets plain indices (it may not take the `(index, item_seed)` keys).
+            item_seeds = getattr(self.train_dataset, "takes_item_seeds", False)
+            self.sampler = ResumableSampler(len(self.train_dataset), self.batch_size, self.seed, self._consumed_batches,
+                                            item_seeds)
 
     def _consumed_batches(self):
         """Batches the training loop has taken (restored with the loops on --resume); None outside a Trainer."""

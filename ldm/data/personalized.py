@@ -48,6 +48,8 @@ class PersonalizedBase(Dataset):
     a folder without any readable image is an error.
     """
 
+    takes_item_seeds = True  # __getitem__ takes ResumableSampler's `(index, item_seed)` keys
+
     def __init__(
         self,
         data_root,
