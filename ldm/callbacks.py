@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import ModelSummary, TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from pytorch_lightning.utilities.model_summary import get_human_readable_count, summarize
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.report import save_sheet
 from ldm.util import atomic_write
@@ -264,6 +265,10 @@ class TrainingGuard(pl.Callback):
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, FloatingPointError) and trainer.is_global_zero:
             self.adapter_checkpoint.save(pl_module, "adapter", trainer.global_step)
+        elif isinstance(exception, SIGTERMException) and self.signal is not None:
+            # Lightning's own SIGTERM handler ends the loop with this exception right after the step we let finish,
+            # so on_train_end never runs: write what it would have, this step's adapter and last.ckpt.
+            self.adapter_checkpoint.on_train_end(trainer, pl_module)
 
 
 class ContinuingCSVLogger(pl.loggers.CSVLogger):

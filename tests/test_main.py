@@ -62,25 +62,40 @@ def test_tiny_training_run(tiny_ckpt, example_data, tmp_path, capsys):
 def test_resume_continues_at_next_step_with_same_state(tiny_ckpt, example_data, tmp_path):
     import pytorch_lightning as pl
 
-    logdir, _ = main.run(*main.get_parser().parse_known_args(_train_args(tiny_ckpt, example_data, tmp_path, 4, 2)))
-    saved = torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=False)
-    assert saved["global_step"] == 4
-
-    seen = {}
-
     class Probe(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if "step" not in seen:
-                seen["step"] = trainer.global_step
-                seen["adapter"] = [p.detach().clone() for p in pl_module.trainable_parameters()]
-                seen["opt"] = copy.deepcopy(trainer.optimizers[0].state_dict())  # AdamW updates in place
+        """The adapter and AdamW state in memory when a run's first step starts and when the run ends."""
 
+        def __init__(self):
+            self.seen = {}
+
+        def capture(self, key, trainer, pl_module):
+            self.seen[key] = {"step": trainer.global_step,
+                              "adapter": [p.detach().clone() for p in pl_module.trainable_parameters()],
+                              "opt": copy.deepcopy(trainer.optimizers[0].state_dict())}  # AdamW updates in place
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if "first" not in self.seen:
+                self.capture("first", trainer, pl_module)
+
+        def on_train_end(self, trainer, pl_module):
+            self.capture("end", trainer, pl_module)
+
+    first = Probe()
+    opt, unknown = main.get_parser().parse_known_args(_train_args(tiny_ckpt, example_data, tmp_path, 4, 2))
+    logdir, _ = main.run(opt, unknown, extra_callbacks=[first])
+    held = first.seen["end"]  # what the interrupted run held in memory, not what its file says
+    assert held["step"] == 4
+    assert torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=False)["global_step"] == 4
+
+    resumed = Probe()
     opt, unknown = main.get_parser().parse_known_args(["-t", "--resume", logdir, "lightning.trainer.max_steps=6"])
-    _, model = main.run(opt, unknown, extra_callbacks=[Probe()])
+    _, model = main.run(opt, unknown, extra_callbacks=[resumed])
+    seen = resumed.seen["first"]
     assert seen["step"] == 4  # the first step run after resuming is step k + 1 (global_step k before it)
-    assert all(torch.equal(a, b) for a, b in zip(seen["adapter"], saved["trainable"]))
-    state, ref = seen["opt"]["state"][0], saved["optimizer_states"][0]["state"][0]
-    assert torch.equal(state["exp_avg"], ref["exp_avg"]) and torch.equal(state["exp_avg_sq"], ref["exp_avg_sq"])
+    assert all(torch.equal(a, b) for a, b in zip(seen["adapter"], held["adapter"], strict=True))
+    state, ref = seen["opt"]["state"][0], held["opt"]["state"][0]
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(state[key], ref[key]), key
     final = torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=False)
     assert final["global_step"] == 6
     # the CSV log keeps the rows from before the interruption (Lightning alone would have deleted them)
@@ -128,30 +143,51 @@ def test_nan_loss_stops_with_the_last_good_adapter(tiny_ckpt, example_data, tmp_
 
 def test_sigint_saves_and_resume_finishes(tiny_ckpt, example_data, tmp_path):
     """A real run in a subprocess gets SIGINT mid-way, saves a resumable checkpoint and its adapter and exits 130;
-    `--resume` then reaches the planned step count."""
+    `--resume` then reaches the planned step count, bit for bit where an uninterrupted run gets (adapter, AdamW)."""
     import signal
     import subprocess
     import sys
     import time
 
-    planned = 60
-    args = _train_args(tiny_ckpt, example_data, tmp_path, planned, 2)
+    import pytorch_lightning as pl
+
+    planned = 30  # the signal goes out as soon as step 4's snapshot exists, a step or two before the run would stop
+    args = _train_args(tiny_ckpt, example_data, tmp_path / "interrupted", planned, 2)
     proc = subprocess.Popen([sys.executable, "main.py", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not glob.glob(str(tmp_path / "*" / "checkpoints" / "adapter_gs-3")):
+    while time.time() < deadline and proc.poll() is None and not glob.glob(str(tmp_path / "interrupted" / "*" / "checkpoints" / "adapter_gs-3")):
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    logdir = glob.glob(str(tmp_path / "*"))[0]
+    logdir = glob.glob(str(tmp_path / "interrupted" / "*"))[0]
     assert f"continue with: python main.py --resume {logdir}" in err and "Traceback" not in err
-    step = torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=False)["global_step"]
+    interrupted = torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=True)
+    step = interrupted["global_step"]
     assert 4 <= step < planned
     assert not glob.glob(os.path.join(logdir, "checkpoints", "*.tmp"))
     from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 
     enc = FrozenCLIPEmbedder(**OmegaConf.to_container(OmegaConf.load(TINY_FINETUNE).model.params.cond_stage_config.params))
     enc.adapter_load(os.path.join(logdir, "checkpoints", "adapter"))
-    main.run(*main.get_parser().parse_known_args(["-t", "--resume", logdir]))
-    assert torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=False)["global_step"] == planned
-    enc.adapter_load(os.path.join(logdir, "checkpoints", "adapter"))
+    saved_adapter = [p.detach().clone() for p in enc.adapter_parameters()]
+    _, resumed = main.run(*main.get_parser().parse_known_args(["-t", "--resume", logdir]))
+    final = torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=True)
+    assert final["global_step"] == planned
+
+    adapters = {}
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            adapters[trainer.global_step] = [p.detach().clone() for p in pl_module.trainable_parameters()]
+
+    opt, unknown = main.get_parser().parse_known_args(_train_args(tiny_ckpt, example_data, tmp_path / "straight", planned, 2))
+    straight_dir, straight = main.run(opt, unknown, extra_callbacks=[Record()])
+    # What the interrupted process saved is what an uninterrupted run holds after that step ...
+    assert all(torch.equal(a, b) for a, b in zip(interrupted["trainable"], adapters[step], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(saved_adapter, adapters[step], strict=True))
+    # ... and the resumed run ends where the uninterrupted one does.
+    assert all(torch.equal(a, b) for a, b in zip(resumed.trainable_parameters(), straight.trainable_parameters(), strict=True))
+    reference = torch.load(os.path.join(straight_dir, "checkpoints", "last.ckpt"), weights_only=True)
+    got, expected = final["optimizer_states"][0]["state"], reference["optimizer_states"][0]["state"]
+    assert all(torch.equal(got[i][k], expected[i][k]) for i in expected for k in ("exp_avg", "exp_avg_sq", "step"))

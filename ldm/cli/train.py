@@ -218,6 +218,7 @@ def run(opt, unknown, extra_callbacks=()):
     import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from ldm.checkpoint import check_exists, load_checkpoint_into
     from ldm.sampling import check_output_dir
@@ -302,6 +303,9 @@ def run(opt, unknown, extra_callbacks=()):
         restore_signals = guard.install()
         try:
             trainer.fit(model, data, ckpt_path=ckpt_path, weights_only=True)
+        except SIGTERMException:  # Lightning's own answer to SIGTERM, after TrainingGuard saved the step
+            if guard.signal is None:
+                raise
         except FloatingPointError as e:
             raise TrainingStopped(
                 f"training stopped: {e}; the last good adapter is in {os.path.join(ckptdir, 'adapter')}; "

@@ -1,8 +1,91 @@
-"""The reference's `DataModuleFromConfig`: datasets built from config, batched by Lightning."""
+"""The reference's `DataModuleFromConfig`: datasets built from config, batched by Lightning, in an order that
+`--resume` continues exactly."""
+import math
+import warnings
+
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from ldm.util import instantiate_from_config
+
+
+class ResumableSampler(Sampler):
+    """A new random order of the dataset every data epoch, as `DataLoader(shuffle=True)` gives, such that an
+    interrupted run goes on with the very items an uninterrupted one would have drawn.
+
+    Epoch e's order is `randperm` from a generator seeded with `seed + e` (the run's seed, no global random state).
+    With `item_seeds` each item comes as the key `(index, item_seed)`, `item_seed` naming (seed, epoch, index), and the
+    dataset draws the item's own random choices (flip, caption) from it, so they do not depend on which process loads
+    it or when (DataLoader workers, prefetching); otherwise as a plain index.
+
+    Where the run stands is counted in batches consumed by training (`consumed_batches()`, the trainer's count, which
+    a checkpoint restores), not in items handed out: Lightning and the DataLoader workers fetch batches ahead, and
+    those were never trained on. `anchor` says where the count `anchor_batches` stood: at item `position` of data
+    epoch `epoch`. A data epoch ends when its items run out (the last batch may be short), whatever epoch number
+    Lightning counts; a run stopped by max_steps mid-epoch is counted as a finished epoch by Lightning.
+    """
+
+    def __init__(self, length, batch_size, seed, consumed_batches=None, item_seeds=True):
+        self.length, self.batch_size, self.seed, self.item_seeds = length, batch_size, seed, item_seeds
+        self.consumed_batches = consumed_batches or (lambda: None)
+        self.anchor = (0, 0, 0)  # (epoch, position, anchor_batches)
+        self._permutation = (None, None)  # (epoch, its order): one epoch's order is kept, for state_dict
+
+    def __len__(self):
+        return self.length
+
+    def permutation(self, epoch):
+        if self._permutation[0] != epoch:
+            generator = torch.Generator().manual_seed((self.seed + epoch) % 2**64)
+            self._permutation = (epoch, torch.randperm(self.length, generator=generator))
+        return self._permutation[1]
+
+    def position_after(self, batches):
+        """(data epoch, item position in its order) of the next item once `batches` batches were consumed."""
+        epoch, position, anchor_batches = self.anchor
+        done = batches - anchor_batches
+        if done < 0:
+            raise ValueError(f"the trainer counts {batches} batches consumed, fewer than the {anchor_batches} of the "
+                             "data order's last checkpoint; resume from the run's last.ckpt")
+        left = math.ceil((self.length - position) / self.batch_size)  # batches left in the anchor's epoch
+        if done < left:
+            return epoch, position + done * self.batch_size
+        per_epoch = math.ceil(self.length / self.batch_size)
+        return epoch + 1 + (done - left) // per_epoch, ((done - left) % per_epoch) * self.batch_size
+
+    def __iter__(self):
+        batches = self.consumed_batches()
+        if batches is None:  # no trainer counts for us: every iteration is taken to be consumed whole
+            epoch, position, anchor_batches = self.anchor
+            if position >= self.length:
+                epoch, position = epoch + 1, 0
+            self.anchor = (epoch + 1, 0, anchor_batches)
+        else:
+            epoch, position = self.position_after(batches)
+            self.anchor = (epoch, position, batches)
+        # Only to the end of this data epoch: the next iteration starts the next one.
+        order = self.permutation(epoch)[position:].tolist()
+        return iter([(i, f"{self.seed}:{epoch}:{i}") for i in order] if self.item_seeds else order)
+
+    def state_dict(self):
+        batches = self.consumed_batches()
+        epoch, position = self.position_after(batches) if batches is not None else self.anchor[:2]
+        batches = self.anchor[2] if batches is None else batches
+        return {"seed": self.seed, "epoch": epoch, "position": position, "consumed_batches": batches,
+                "length": self.length, "permutation": self.permutation(epoch).clone()}
+
+    def load_state_dict(self, state):
+        self.seed = state["seed"]
+        if state["length"] != self.length:
+            # Other pictures or repeats than the checkpoint's run (deliberate or not): its order cannot go on, so the
+            # next data epoch starts at once. Training goes on; it is no longer what an uninterrupted run would do.
+            warnings.warn(f"the data has {self.length} items (images x repeats), the checkpoint's run had {state['length']}: "
+                          "its data order starts a new epoch, so this run no longer continues exactly")
+            self.anchor = (state["epoch"] + 1, 0, state["consumed_batches"])
+            return
+        self.anchor = (state["epoch"], state["position"], state["consumed_batches"])
+        self._permutation = (state["epoch"], state["permutation"])
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
@@ -12,17 +95,44 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.num_workers = batch_size * 2 if num_workers is None else num_workers
         self.train_config = train
         self.train_dataset = None
+        self.sampler = None
+        # The run's seed (pl.seed_everything has just set it); the data order and the items' draws derive from it.
+        self.seed = torch.initial_seed()
 
     def setup(self, stage=None):
         if self.train_dataset is None:
             self.train_dataset = instantiate_from_config(self.train_config)
+            # A dataset of another kind gets plain indices (it may not take the `(index, item_seed)` keys).
+            item_seeds = getattr(self.train_dataset, "takes_item_seeds", False)
+            self.sampler = ResumableSampler(len(self.train_dataset), self.batch_size, self.seed, self._consumed_batches,
+                                            item_seeds)
+
+    def _consumed_batches(self):
+        """Batches the training loop has taken (restored with the loops on --resume); None outside a Trainer."""
+        if self.trainer is None:
+            return None
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+
+    def _distributed(self):
+        return self.trainer is not None and self.trainer.world_size > 1
 
     def train_dataloader(self):
         self.setup()
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        loader = {"batch_size": self.batch_size, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if self._distributed():
+            # Several processes: Lightning gives each its share through a DistributedSampler, which would wrap ours
+            # and needs every iteration to cover a whole epoch. Such runs resume at the right step, not bit for bit.
+            return DataLoader(self.train_dataset, shuffle=True, **loader)
+        # Our own generator: a DataLoader without one draws its workers' base seed from the global torch stream
+        # whenever it starts iterating, which --resume does at another point than an uninterrupted run.
+        return DataLoader(self.train_dataset, sampler=self.sampler, generator=torch.Generator().manual_seed(self.seed % 2**64),
+                          **loader)
+
+    # Saved in every checkpoint (Lightning calls these with the LightningModule's hooks): where the data order stands.
+    def state_dict(self):
+        return {"sampler": self.sampler.state_dict()} if self.sampler is not None and not self._distributed() else {}
+
+    def load_state_dict(self, state):
+        if "sampler" in state:
+            self.setup()
+            self.sampler.load_state_dict(state["sampler"])

@@ -25,6 +25,8 @@ class PersonalizedBase(Dataset):
     a folder without any readable image is an error.
     """
 
+    takes_item_seeds = True  # __getitem__ takes ResumableSampler's `(index, item_seed)` keys
+
     def __init__(
         self,
         data_root,
@@ -76,11 +78,21 @@ class PersonalizedBase(Dataset):
             img = ImageOps.mirror(img)
         return (np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
 
-    def __getitem__(self, i):
-        flip = random.random() < self.flip_p
+    def __getitem__(self, key):
+        """Item `key`: an index, or `(index, item_seed)` as `ResumableSampler` yields them.
+
+        As in the reference, the picture is mirrored with probability flip_p and gets a caption drawn uniformly from the
+        template list. With an `item_seed` both draws come from `random.Random(item_seed)`; the authors' code (and a
+        plain index here) draws them from the process's global random streams. A deliberate change that leaves the
+        distribution as it was: an item's draws no longer depend on which DataLoader worker loads it, or when (the
+        workers' global streams are seeded anew whenever a run starts), so a resumed run sees exactly the items an
+        uninterrupted one would have."""
+        i, item_seed = key if isinstance(key, tuple) else (key, None)
+        rng = random if item_seed is None else random.Random(item_seed)
+        flip = rng.random() < self.flip_p
         return {
             "image": self.prepare(i, flip),
-            "caption": random.choice(self.captions),
+            "caption": rng.choice(self.captions),
             # Which picture this is: a trainer may cache its VAE latents per (index, flip) (LatentDiffusion's fast path).
             "index": i % self.num_images,
             "flip": flip,

@@ -14,6 +14,7 @@ from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.rng import collect_rng_states, restore_rng_states
 from ldm.util import instantiate_from_config
 
 # The training fast path (`model.params.fast` in the finetune configs, where each option is documented).
@@ -93,6 +94,7 @@ class LatentDiffusion(pl.LightningModule):
         self._text_cache = {}  # (caption, first adapted layer) -> hidden states entering that layer (77, width)
         self._compiled_unet = None
         self._channels_last = False  # set by prepare_fast_path, together with the weights' layout
+        self._rng_states_to_restore = None  # from a checkpoint, until training starts
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -141,11 +143,14 @@ class LatentDiffusion(pl.LightningModule):
         keys = self._latent_keys(batch)
         if keys is None:
             return self.encode_first_stage(self._images(batch))
-        missing = [i for i, key in enumerate(keys) if key not in self._latent_cache]
-        if missing:
-            moments = self.encode_first_stage(self._images(batch)[missing]).parameters
-            for row, i in enumerate(missing):
-                self._latent_cache[keys[i]] = moments[row:row + 1]
+        images = None
+        for i, key in enumerate(keys):
+            if key not in self._latent_cache:
+                # One picture at a time: on a CPU a convolution's numbers can depend on the batch it runs in, and a
+                # picture's moments must not depend on which others it first came with (a resumed run starts with an
+                # empty cache and meets the pictures in other company). Each is encoded once per run: this costs little.
+                images = self._images(batch) if images is None else images
+                self._latent_cache[key] = self.encode_first_stage(images[i:i + 1]).parameters
         return DiagonalGaussianDistribution(torch.cat([self._latent_cache[key] for key in keys]))
 
     def _images(self, batch):
@@ -169,10 +174,9 @@ class LatentDiffusion(pl.LightningModule):
             return self.get_learned_conditioning(captions)
         start = enc.first_adapted_layer
         distinct = list(dict.fromkeys(captions))
-        missing = [c for c in distinct if (c, start) not in self._text_cache]
-        if missing:
-            for caption, hidden in zip(missing, enc.frozen_hidden_states(enc.tokenize(missing), start)):
-                self._text_cache[(caption, start)] = hidden
+        for caption in distinct:
+            if (caption, start) not in self._text_cache:  # one caption at a time, as the pictures in _posterior
+                self._text_cache[(caption, start)] = enc.frozen_hidden_states(enc.tokenize([caption]), start)[0]
         cond = enc.encode_from_hidden(torch.stack([self._text_cache[(c, start)] for c in distinct]), start)
         if len(distinct) == 1:
             # A view of the one row: the UNet's cross-attention can then project it once for the whole batch.
@@ -300,15 +304,27 @@ class LatentDiffusion(pl.LightningModule):
             os.makedirs(directory, exist_ok=True)
             self.embedding_manager.save(os.path.join(directory, "embeddings.pt"))
 
-    # Lightning checkpoints hold only what trains: a resumable file of kilobytes, not a copy of SD.
+    # Lightning checkpoints hold only what trains: a resumable file of kilobytes, not a copy of SD. And the global
+    # random states, so that --resume draws the same timesteps, noise and latent samples as an uninterrupted run
+    # (Lightning saves the optimizer and the loops; the data order is the datamodule's state).
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = {}
         checkpoint["trainable"] = [p.detach().cpu().clone() for p in self.trainable_parameters()]
+        checkpoint["rng_states"] = collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint):
         with torch.no_grad():
             for p, saved in zip(self.trainable_parameters(), checkpoint["trainable"], strict=True):
                 p.copy_(saved)
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self):
+        # Checkpoints are written between steps, where nothing draws random numbers until the next training step;
+        # restoring the states just before the loop starts (not when the file is read) keeps whatever happens
+        # during setup from shifting the streams.
+        if self._rng_states_to_restore is not None:
+            restore_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
 
     @torch.no_grad()
     def log_images(self, captions, ddim_steps=50, scale=10.0, seed=0):
