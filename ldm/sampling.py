@@ -1,14 +1,17 @@
-"""Text-to-image sampling with CatVersion adapters, as the reference's `scripts/txt2img_generator.py` does it.
+"""Text-to-image sampling with CatVersion adapters, after the authors' `scripts/txt2img_generator.py`.
 
 The pieces `scripts/txt2img.py` and the demo share: loading SD plus adapters, the cached unconditional embedding,
 prompt-to-file naming, argument checks, and `generate()`, which writes the images and grids.
 
-Reference behaviour kept on purpose:
+Kept from the authors' sampler:
 - seeds: `torch.manual_seed(seed)` before each iteration, `seed + 1` for the next; every prompt starts at `seed`, so
-  prompts of one run share their noise. x_T is drawn on the CPU and then moved, so CPU and GPU runs start alike;
-- the unconditional embedding is the empty prompt encoded WITHOUT the adapters (the reference's `models/uc.pt`),
-  of batch 1, broadcast over the batch by the guidance;
-- pixels are `uint8(255 * clamp((x + 1) / 2, 0, 1))`, truncated as the reference's numpy cast does, not rounded.
+  prompts of one run share their noise;
+- pixels are `uint8(255 * clamp((x + 1) / 2, 0, 1))`, truncated as their numpy cast does, not rounded.
+Chosen differently (docs/fidelity.md has each difference with the authors' file:line):
+- x_T is drawn on the CPU and then moved, so CPU and GPU runs start alike (theirs draws on the GPU);
+- the unconditional embedding is the empty prompt encoded WITHOUT the adapters, of batch 1, broadcast over the batch
+  by the guidance (theirs loads a shipped `models/uc.pt`, most likely the same tensor);
+- PNG files (theirs: JPEG, quality 75) and seed 42 by default (theirs: 8888).
 """
 import hashlib
 import math
@@ -37,10 +40,10 @@ _UNSAFE = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f]')
 
 
 def prompt_to_name(prompt, max_bytes=MAX_NAME_BYTES):
-    """A file-system-safe stem for `prompt`: each whitespace character -> `-` (as the reference), `/ \\ : * ? " < > |` and
-    control characters dropped, no leading/trailing dots (no `..`, no hidden folders). A longer name is cut at
-    `max_bytes` of UTF-8 and ends in 8 hex digits of the prompt's SHA-1, so that two long prompts that differ only
-    at the end keep apart."""
+    """A file-system-safe stem for `prompt`: each whitespace character -> `-` (the authors replace spaces only),
+    `/ \\ : * ? " < > |` and control characters dropped (the authors keep them), no leading/trailing dots (no `..`,
+    no hidden folders). A longer name is cut at `max_bytes` of UTF-8 and ends in 8 hex digits of the prompt's SHA-1,
+    so that two long prompts that differ only at the end keep apart."""
     if not prompt.strip():
         return "empty-prompt"
     name = _UNSAFE.sub("", re.sub(r"\s", "-", prompt)).strip(".")

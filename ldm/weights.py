@@ -35,11 +35,12 @@ class WeightsError(ValueError):
     """A weights file that cannot be used; the message is one line naming the problem and the fix."""
 
 
-def load(path, fix=None, allow=()):
+def load(path, fix=None, allow=(), finite=True):
     """The object stored in a weights file, opened without running code: a `.safetensors` file's tensors, or a
     pickle's contents, unpickled with `weights_only=True` (and memory-mapped when it is a zip, as torch writes
     them). `allow` names further classes the unpickler may build (e.g. the reference's nn.ParameterDict); `fix`
-    replaces the fix the two error messages suggest."""
+    replaces the fix the two error messages suggest. With `finite` (the default) every floating tensor must be
+    finite (`check_finite`); a caller whose file also holds bookkeeping checks the weights itself."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsError(f"weights file not found: {path}; pass the path of an existing file")
@@ -51,7 +52,8 @@ def load(path, fix=None, allow=()):
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # a pickle carrying code; or a truncated zip, garbage bytes, a bad safetensors header, ...
         raise _unreadable(path, e, fix) from None
-    check_finite(obj, path)
+    if finite:
+        check_finite(obj, path)
     return obj
 
 

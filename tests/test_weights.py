@@ -119,6 +119,8 @@ def _poisoned(name, value):
         return {"prefix_tuning.x.control_trans": t.flatten()}
     if name == "embeddings.pt":
         return {"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": t}}
+    if name == "last.ckpt":  # Lightning's bookkeeping may hold an infinity of its own: only the trained numbers count
+        return {"global_step": 3, "trainable": [t], "callbacks": {"ModelCheckpoint": {"kth_value": torch.tensor(float("inf"))}}}
     return {"state_dict": {"model.diffusion_model.w": t}}
 
 
@@ -167,3 +169,14 @@ def test_txt2img_refuses_a_non_finite_base_model_in_one_line(tiny_ckpt, tmp_path
     assert proc.stderr.strip() == f"error: {bad}: tensor state_dict.{key} holds NaN; the file is damaged or was saved from a run " \
                                   "that diverged, use another copy"
     assert not out.exists()
+
+
+def test_a_resumable_checkpoint_may_hold_lightnings_infinities(tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"global_step": 3, "trainable": [torch.zeros(4)], "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(4)}}}],
+                "callbacks": {"ModelCheckpoint": {"kth_value": torch.tensor(float("inf"))}}}, path)
+    main.check_resumable(str(path))
+    torch.save({"global_step": 3, "trainable": [torch.zeros(4)],
+                "optimizer_states": [{"state": {0: {"exp_avg": torch.tensor([float("nan")])}}}]}, path)
+    with pytest.raises(WeightsError, match=r"cannot resume: .*tensor optimizer_states\[0\]\.state\.0\.exp_avg holds NaN"):
+        main.check_resumable(str(path))

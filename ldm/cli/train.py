@@ -202,10 +202,15 @@ def resolve_resume(opt):
 
 def check_resumable(path):
     """Read the resumable checkpoint ourselves first: Lightning would fail on a bad one with a bare traceback."""
-    from ldm.weights import WeightsError, load
+    from ldm.weights import WeightsError, check_finite, load
 
+    fix = "pass an earlier checkpoints/*.ckpt of the run to --resume, or start again without it"
     try:
-        state = load(path, fix="pass an earlier checkpoints/*.ckpt of the run to --resume, or start again without it")
+        # Lightning's own bookkeeping may hold infinities (an unset best score), so only the numbers the run
+        # trains are checked for finiteness: the adapter and the optimizer's state.
+        state = load(path, fix=fix, finite=False)
+        if isinstance(state, dict):
+            check_finite({k: state[k] for k in ("trainable", "optimizer_states") if k in state}, path)
     except WeightsError as e:
         raise WeightsError(f"cannot resume: {e}") from None
     if not isinstance(state, dict) or "global_step" not in state:

@@ -19,7 +19,7 @@ weak, raise its --strength (one value per adapter). Two concepts of the SAME cla
 word, and the result is a blend of the two, not two distinct objects.
 
 The unconditional embedding (empty prompt, encoded without adapters) is computed once per base model and cached in
---uc_dir under the checkpoint's fingerprint, as the reference ships models/uc.pt.
+--uc_dir under the checkpoint's fingerprint (the authors ship theirs as models/uc.pt instead).
 """
 import argparse
 import os
