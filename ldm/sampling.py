@@ -250,12 +250,19 @@ def _write_uc(path, uc, fingerprint):
 # --- sampling ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_images(model, cond, uc, seed, H=512, W=512, ddim_steps=50, scale=10.0, ddim_eta=0.0, plms=False,
-                  progress=True):
-    """One iteration of the reference loop: images in [0, 1], (batch of `cond`, 3, H, W), on the CPU."""
+                  progress=True, noise="cpu"):
+    """One iteration of the reference loop: images in [0, 1], (batch of `cond`, 3, H, W), on the CPU.
+
+    `noise`: "cpu" draws x_T with the CPU generator, so every device starts from the same x_T (ours); "device" draws
+    it on the sampling device after the same `torch.manual_seed(seed)`, as the authors' sampler does (on a GPU
+    another x_T, their images)."""
     device, _ = _device_and_dtype(model)
     shape = (model.channels, H // LATENT_FACTOR, W // LATENT_FACTOR)
     torch.manual_seed(seed)
-    x_T = torch.randn((cond.shape[0], *shape)).to(device)  # CPU generator: the same x_T on every device
+    if noise == "device":
+        x_T = torch.randn((cond.shape[0], *shape), device=device)
+    else:
+        x_T = torch.randn((cond.shape[0], *shape)).to(device)
     sampler = PLMSSampler(model) if plms else DDIMSampler(model)
     z, _ = sampler.sample(S=ddim_steps, batch_size=cond.shape[0], shape=shape, conditioning=cond, x_T=x_T,
                           unconditional_guidance_scale=scale, unconditional_conditioning=uc, eta=ddim_eta,
@@ -268,16 +275,47 @@ def to_uint8(images):
     return (255.0 * images).to(torch.uint8).movedim(-3, -1)
 
 
-def save_png(array, path):
-    """Write an (h, w, 3) uint8 array as PNG through a temporary name: no half-written image is ever visible."""
-    atomic_write(path, lambda tmp: Image.fromarray(array.numpy()).save(tmp, format="PNG"))
+def save_png(array, path, jpeg=False):
+    """Write an (h, w, 3) uint8 array as PNG (or JPEG at PIL's default quality 75, the authors' files) through a
+    temporary name: no half-written image is ever visible."""
+    options = {"format": "JPEG", "quality": 75} if jpeg else {"format": "PNG"}
+    atomic_write(path, lambda tmp: Image.fromarray(array.numpy()).save(tmp, **options))
     return path
 
 
+def read_uc(path, model):
+    """A saved unconditional embedding such as the authors' `models/uc.pt`: one tensor (1, 77, width) or (77, width),
+    read safely (no pickled code, finite), on the model's device and dtype."""
+    from ldm.weights import load
+
+    obj = load(path)
+    tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in obj.values()] if isinstance(obj, dict) else []
+    width = model.cond_stage_model.width if hasattr(model.cond_stage_model, "width") else None
+    uc = tensors[0] if len(tensors) == 1 and isinstance(tensors[0], torch.Tensor) else None
+    if uc is not None and uc.dim() == 2:
+        uc = uc[None]
+    if uc is None or uc.dim() != 3 or uc.shape[0] != 1 or (width is not None and uc.shape[-1] != width):
+        raise ValueError(f"--uc_path {path} should hold one tensor of shape (1, 77, {width}) (the empty prompt's "
+                         f"embedding for this model), found {_shapes(obj)}; pass the uc.pt that belongs to the base model")
+    device, dtype = _device_and_dtype(model)
+    return uc.to(device, dtype)
+
+
+def _shapes(obj):
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        return f"{len(obj)} entries ({', '.join(list(map(str, obj))[:3])})"
+    return type(obj).__name__
+
+
 def generate(model, prompts, outdir="outputs/txt2img-samples", ddim_steps=50, plms=False, ddim_eta=0.0, n_iter=1,
-             n_samples=1, H=512, W=512, scale=10.0, seed=42, uc=None, uc_dir=UC_DIR, progress=True):
+             n_samples=1, H=512, W=512, scale=10.0, seed=42, uc=None, uc_dir=UC_DIR, progress=True, noise="cpu",
+             jpeg=False):
     """Sample every prompt and write `<outdir>/<name>/<name>_<seed>.png` and `<outdir>/<name>/grid.png`.
 
+    With `jpeg`, the authors' files instead: `<name>_<seed>.jpg` at quality 75 and the grid as `<name>/<name>.jpg`.
+    `noise`: where x_T is drawn (see `sample_images`).
     `<name>` is `prompt_to_name(prompt)`; with `n_samples > 1` the k-th image of a batch is `<name>_<seed>_<k>.png`.
     Iteration i uses seed `seed + i`; the grid has one row per iteration, `n_samples` images per row. A prompt given
     twice is sampled once.
@@ -297,12 +335,12 @@ def generate(model, prompts, outdir="outputs/txt2img-samples", ddim_steps=50, pl
         os.makedirs(folder, exist_ok=True)
         paths, rows = [], []
         for i in range(n_iter):
-            images = sample_images(model, cond, uc, seed + i, H, W, ddim_steps, scale, ddim_eta, plms, progress)
+            images = sample_images(model, cond, uc, seed + i, H, W, ddim_steps, scale, ddim_eta, plms, progress, noise)
             for k, image in enumerate(images):
                 stem = f"{name}_{seed + i}" if n_samples == 1 else f"{name}_{seed + i}_{k}"
-                paths.append(save_png(to_uint8(image), os.path.join(folder, stem + ".png")))
+                paths.append(save_png(to_uint8(image), os.path.join(folder, stem + (".jpg" if jpeg else ".png")), jpeg))
             rows.append(images)
         grid = make_grid(torch.cat(rows), nrow=n_samples)
-        results[prompt] = {"folder": folder, "images": paths,
-                           "grid": save_png(to_uint8(grid), os.path.join(folder, "grid.png"))}
+        grid_path = os.path.join(folder, f"{name}.jpg" if jpeg else "grid.png")
+        results[prompt] = {"folder": folder, "images": paths, "grid": save_png(to_uint8(grid), grid_path, jpeg)}
     return results

@@ -315,3 +315,73 @@ def test_sd_v1_5_shaped_random_model_smoke_512(tmp_path):
     peak_gb = int(proc.stdout.split("MAXRSS_KB")[1].split()[0]) / 1e6
     assert peak_gb < 8.0, f"peak RSS {peak_gb:.1f} GB"  # measured 6.3 GB: weights + one VAE decode at 512x512
     assert wall < 600, f"{wall:.0f} s"
+
+
+# --- the authors' behaviour, switched on (docs/fidelity.md rows 53, 54, 58) ----------------------------------------
+class SamplerSpy:
+    """What DDIMSampler.sample received: x_T and the unconditional embedding of each call."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        original = DDIMSampler.sample
+
+        def spy(sampler, *args, **kwargs):
+            self.calls.append({"x_T": kwargs["x_T"].clone(), "uc": kwargs["unconditional_conditioning"].clone()})
+            return original(sampler, *args, **kwargs)
+
+        monkeypatch.setattr(DDIMSampler, "sample", spy)
+
+
+@pytest.mark.parametrize("noise", ["cpu", "device"])
+def test_noise_device_draws_x_T_as_chosen(noise, tiny_ckpt, tmp_path, monkeypatch):
+    spy = SamplerSpy(monkeypatch)
+    run(tiny_ckpt, tmp_path / "out", "--prompt", PROMPT, "--seed", "11", "--n_iter", "2", "--noise_device", noise)
+    model_channels = OmegaConf.load(TINY).model.params.channels
+    for i, call in enumerate(spy.calls):
+        torch.manual_seed(11 + i)  # the authors: torch.manual_seed(seed + i), then randn on the sampling device
+        expected = torch.randn((1, model_channels, 8, 8), device=torch.device("cpu"))
+        assert torch.equal(call["x_T"], expected)
+    assert len(spy.calls) == 2
+
+
+def test_jpeg_writes_the_authors_file_names(tiny_ckpt, tmp_path):
+    results = run(tiny_ckpt, tmp_path / "out", "--prompt", PROMPT, "--seed", "857", "--n_iter", "2", "--jpeg")
+    folder = tmp_path / "out" / NAME
+    assert sorted(os.listdir(folder)) == sorted([f"{NAME}_857.jpg", f"{NAME}_858.jpg", f"{NAME}.jpg"])
+    assert results[PROMPT]["grid"] == str(folder / f"{NAME}.jpg")
+    for name in os.listdir(folder):
+        with Image.open(folder / name) as im:
+            assert im.format == "JPEG"
+    # quality 75: the same image saved by PIL at its default quality gives the same bytes
+    png = only_image(run(tiny_ckpt, tmp_path / "png", "--prompt", PROMPT, "--seed", "857"))
+    again = tmp_path / "again.jpg"
+    Image.fromarray(png).save(again, quality=75)
+    assert (folder / f"{NAME}_857.jpg").read_bytes() == again.read_bytes()
+
+
+def test_uc_path_feeds_exactly_that_tensor_to_guidance(tiny_ckpt, tmp_path, monkeypatch):
+    width = OmegaConf.load(TINY).model.params.cond_stage_config.params.text_config.hidden_size
+    uc = torch.randn(1, 77, width, generator=torch.Generator().manual_seed(5))
+    torch.save(uc, tmp_path / "uc.pt")  # as the authors ship theirs: a bare tensor
+    spy = SamplerSpy(monkeypatch)
+    run(tiny_ckpt, tmp_path / "out", "--prompt", PROMPT, "--uc_path", str(tmp_path / "uc.pt"))
+    assert torch.equal(spy.calls[0]["uc"], uc)
+    assert not os.path.exists(str(tmp_path / "out") + "-uc")  # nothing computed, nothing cached
+
+
+@pytest.mark.parametrize("content, found", [
+    (lambda w: torch.randn(2, 77, w), "a tensor of shape (2, 77, {w})"),
+    (lambda w: torch.randn(1, 77, w + 1), "a tensor of shape (1, 77, {w1})"),
+    (lambda w: {"a": torch.zeros(1), "b": torch.zeros(1)}, "2 entries (a, b)"),
+])
+def test_uc_path_of_the_wrong_shape_is_one_line(content, found, tiny_ckpt, tmp_path, capsys):
+    width = OmegaConf.load(TINY).model.params.cond_stage_config.params.text_config.hidden_size
+    torch.save(content(width), tmp_path / "uc.pt")
+    with pytest.raises(SystemExit) as e:
+        run(tiny_ckpt, tmp_path / "out", "--prompt", PROMPT, "--uc_path", str(tmp_path / "uc.pt"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --uc_path {tmp_path / 'uc.pt'} should hold one tensor of shape (1, 77, {width}) (the empty "
+                   f"prompt's embedding for this model), found {found.format(w=width, w1=width + 1)}; pass the uc.pt "
+                   "that belongs to the base model")
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")

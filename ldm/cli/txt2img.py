@@ -62,6 +62,13 @@ def get_parser():
                    help="concept strength: one value for all adapters or one per adapter; 0 = base model, 1 = as trained")
     p.add_argument("--uc_dir", default="models/uc",
                    help="cache folder for the unconditional embedding, one file per base model; '' disables the cache")
+    p.add_argument("--uc_path", default=None,
+                   help="use this saved unconditional embedding (e.g. the authors' models/uc.pt) instead of computing it")
+    p.add_argument("--noise_device", choices=("cpu", "device"), default="cpu",
+                   help="where x_T is drawn after torch.manual_seed(seed + i): cpu (the same images on every device) or "
+                        "device (the sampling device, as the authors' sampler: their images on a GPU)")
+    p.add_argument("--jpeg", action="store_true",
+                   help="write the authors' files: JPEG at quality 75, <name>_<seed>.jpg and the grid as <name>.jpg")
     p.add_argument("--device", default=default_device(), help="torch device: cuda if available, else cpu")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -110,10 +117,14 @@ def run(opt):
     if ckpt_path is None:
         print("Warning: --ckpt_path none: random weights, the images are noise (smoke test)")
     # load_model checks the checkpoint path, the adapters and the strengths before it builds anything.
+    if opt.uc_path is not None and not os.path.isfile(opt.uc_path):
+        raise ValueError(f"--uc_path {opt.uc_path} not found; pass a saved unconditional embedding such as models/uc.pt")
     model = sampling.load_model(config, ckpt_path, device, opt.embedding_path, opt.strength)
+    uc = sampling.read_uc(opt.uc_path, model) if opt.uc_path else None
     results = sampling.generate(model, prompts, opt.outdir, ddim_steps=opt.ddim_steps, plms=opt.plms,
                                 ddim_eta=opt.ddim_eta, n_iter=opt.n_iter, n_samples=opt.n_samples, H=opt.H, W=opt.W,
-                                scale=opt.scale, seed=opt.seed, uc_dir=opt.uc_dir)
+                                scale=opt.scale, seed=opt.seed, uc=uc, uc_dir=opt.uc_dir, noise=opt.noise_device,
+                                jpeg=opt.jpeg)
     for result in results.values():
         print(f"Your samples are ready and waiting for you here: {result['folder']}")
     return results
