@@ -69,7 +69,7 @@ def check_finite(obj, path, name=""):
             kind = "NaN" if bool(torch.isnan(obj).any()) else "infinite values"
             raise WeightsError(f"{path}: tensor {name or '(the file)'} holds {kind}; the file is damaged or was saved "
                                "from a run that diverged, use another copy")
-    elif isinstance(obj, dict) or hasattr(obj, "items"):
+    elif hasattr(obj, "items"):  # dicts, and the reference's nn.ParameterDict
         for key, value in obj.items():
             check_finite(value, path, f"{name}.{key}" if name else str(key))
     elif isinstance(obj, (list, tuple)):

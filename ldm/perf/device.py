@@ -62,3 +62,16 @@ def timed_steps(step, n, device):
         step()
     synchronize(device)
     return (time.perf_counter() - start) / n
+
+
+def measure_step(step, device, steps, warmup):
+    """{"step_s", "peak_mb", "warmup_s", "steps", "warmup"} of `step()`: `warmup` untimed calls (they fill caches,
+    tune cuDNN, compile), then `timed_steps` over `steps` calls with the peak memory of those calls alone."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    reset_peak(device)
+    step_s = timed_steps(step, steps, device)
+    return {"step_s": step_s, "peak_mb": peak_mb(device), "warmup_s": warmup_s, "steps": steps, "warmup": warmup}

@@ -60,8 +60,7 @@ class Report:
         try:
             self.data[name] = fn(*args)
         except Exception as e:  # a section that fails must not cost the others their figures
-            traceback.print_exc()
-            self.data[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+            self.data[name] = _error(e)
         self.data.setdefault("section_s", {})[name] = time.perf_counter() - start
         print(f"[{name}] {time.perf_counter() - start:.1f} s: {json.dumps(self.data[name], default=str)[:600]}", flush=True)
         self.write()
@@ -76,6 +75,13 @@ class Report:
         atomic_write(os.path.join(self.out_dir, "gpu_report.json"), lambda p: _write(p, text))
         md = markdown(self.data)
         atomic_write(os.path.join(self.out_dir, "gpu_report.md"), lambda p: _write(p, md))
+
+
+def _error(e):
+    """A failed measurement as a report entry (its traceback goes to the log)."""
+    traceback.print_exc()
+    first = str(e).splitlines()[0] if str(e) else ""
+    return {"error": f"{type(e).__name__}: {first}"[:300]}
 
 
 def _write(path, text):
@@ -100,9 +106,9 @@ def training_section(model, opt, variants):
         try:
             out[variant.name] = training.measure_variant(model, optimizer, batch, variant, opt.steps, warmup)
         except Exception as e:  # e.g. out of memory on a small card: the other variants still count
-            traceback.print_exc()
-            out[variant.name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-            torch.cuda.empty_cache() if model.device.type == "cuda" else None
+            out[variant.name] = _error(e)
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
         print(f"  {variant.name:40s} {json.dumps(out[variant.name], default=str)}", flush=True)
     return out
 

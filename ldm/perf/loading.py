@@ -59,8 +59,9 @@ def measure_load(config_path, path, device):
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     weights_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
-    result = {"load_s": seconds, "host_before_mb": before, "host_peak_mb": host_peak_mb(), "weights_mb": weights_mb,
-              "host_peak_over_weights": (host_peak_mb() - before) / weights_mb}
+    peak = host_peak_mb()
+    result = {"load_s": seconds, "host_before_mb": before, "host_peak_mb": peak, "weights_mb": weights_mb,
+              "host_peak_over_weights": (peak - before) / weights_mb}
     if device.type == "cuda":
         result["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result

@@ -6,7 +6,6 @@ figure is the mean over `steps` consecutive steps with one device synchronisatio
 runs them (a sync after every step would hide the overlap of Python with the GPU); peak memory is CUDA's max
 allocated over those steps (weights included), or on a CPU the process's peak resident set.
 """
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ldm.models.diffusion.ddpm import q_sample
 from ldm.modules.encoders.concat_kv import ConcatKV
-from ldm.perf.device import peak_mb, reset_peak, synchronize, timed_steps
+from ldm.perf.device import measure_step
 
 CAPTION = "teddybear"
 # What the reference does: every network every step, fp32, plain attention, nothing cached, nothing recomputed.
@@ -57,13 +56,13 @@ def standard_variants(with_compile=True):
     return variants
 
 
-def make_batch(batch_size, H, W, device, seed=0, first_index=0):
+def make_batch(batch_size, H, W, device, seed=0):
     """Random images in [-1, 1] as PersonalizedBase yields them (b, H, W, 3), one caption, cache keys."""
     g = torch.Generator().manual_seed(seed)
     return {
         "image": (torch.rand(batch_size, H, W, 3, generator=g) * 2 - 1).to(device),
         "caption": [CAPTION] * batch_size,
-        "index": list(range(first_index, first_index + batch_size)),
+        "index": list(range(batch_size)),
         "flip": [i % 2 == 1 for i in range(batch_size)],
     }
 
@@ -88,22 +87,13 @@ def train_step(model, optimizer, batch):
 
 
 def measure_variant(model, optimizer, batch, variant, steps, warmup):
-    """{"step_s", "peak_mb", "warmup_s"} of `variant`'s training step."""
-    device = model.device
+    """`measure_step` of `variant`'s training step."""
     attention = use_variant(model, variant)
     try:
         with attention:
-            start = time.perf_counter()
-            for _ in range(warmup):  # fills the caches, tunes cuDNN, compiles
-                train_step(model, optimizer, batch)
-            synchronize(device)
-            warmup_s = time.perf_counter() - start
-            reset_peak(device)
-            step_s = timed_steps(lambda: train_step(model, optimizer, batch), steps, device)
-            peak = peak_mb(device)
+            return measure_step(lambda: train_step(model, optimizer, batch), model.device, steps, warmup)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
-    return {"step_s": step_s, "peak_mb": peak, "warmup_s": warmup_s, "steps": steps, "warmup": warmup}
 
 
 # --- many concepts in one step ---------------------------------------------------------------------------------
@@ -146,18 +136,13 @@ def measure_concepts(model, n, batch_size, H, W, steps, warmup, lr=1e-3):
     adapters = concept_adapters(model, n)
     optimizer = torch.optim.AdamW([a.control_trans for a in adapters], lr=lr)
     batch = make_batch(n * batch_size, H, W, device, seed=n)
-    batch["caption"] = [CAPTION] * (n * batch_size)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         multi_concept_loss(model, adapters, batch).backward()
         optimizer.step()
 
-    for _ in range(warmup):
-        step()
-    reset_peak(device)
-    step_s = timed_steps(step, steps, device)
-    return {"concepts": n, "step_s": step_s, "peak_mb": peak_mb(device), "images_per_step": n * batch_size}
+    return {"concepts": n, "images_per_step": n * batch_size, **measure_step(step, device, steps, warmup)}
 
 
 def measure_diffusers_unet(unet, model, batch_size, H, W, steps, warmup, bf16):
@@ -176,8 +161,4 @@ def measure_diffusers_unet(unet, model, batch_size, H, W, steps, warmup, bf16):
             eps = unet(x, t, encoder_hidden_states=ctx).sample
         torch.nn.functional.mse_loss(eps.float(), noise).backward()
 
-    for _ in range(warmup):
-        step()
-    reset_peak(device)
-    step_s = timed_steps(step, steps, device)
-    return {"step_s": step_s, "peak_mb": peak_mb(device), "warmup_s": 0.0, "steps": steps, "warmup": warmup}
+    return measure_step(step, device, steps, warmup)
