@@ -275,7 +275,7 @@ def to_uint8(images):
     return (255.0 * images).to(torch.uint8).movedim(-3, -1)
 
 
-def save_png(array, path, jpeg=False):
+def save_image(array, path, jpeg=False):
     """Write an (h, w, 3) uint8 array as PNG (or JPEG at PIL's default quality 75, the authors' files) through a
     temporary name: no half-written image is ever visible."""
     options = {"format": "JPEG", "quality": 75} if jpeg else {"format": "PNG"}
@@ -289,14 +289,15 @@ def read_uc(path, model):
     from ldm.weights import load
 
     obj = load(path)
-    tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in obj.values()] if isinstance(obj, dict) else []
-    width = model.cond_stage_model.width if hasattr(model.cond_stage_model, "width") else None
-    uc = tensors[0] if len(tensors) == 1 and isinstance(tensors[0], torch.Tensor) else None
+    values = list(obj.values()) if isinstance(obj, dict) else [obj]
+    enc = model.cond_stage_model
+    expected = (1, enc.max_length, enc.width)
+    uc = values[0] if len(values) == 1 and isinstance(values[0], torch.Tensor) else None
     if uc is not None and uc.dim() == 2:
         uc = uc[None]
-    if uc is None or uc.dim() != 3 or uc.shape[0] != 1 or (width is not None and uc.shape[-1] != width):
-        raise ValueError(f"--uc_path {path} should hold one tensor of shape (1, 77, {width}) (the empty prompt's "
-                         f"embedding for this model), found {_shapes(obj)}; pass the uc.pt that belongs to the base model")
+    if uc is None or tuple(uc.shape) != expected:
+        raise ValueError(f"--uc_path {path} should hold one tensor of shape {expected} (the empty prompt's embedding "
+                         f"for this model), found {_shapes(obj)}; pass the uc.pt that belongs to the base model")
     device, dtype = _device_and_dtype(model)
     return uc.to(device, dtype)
 
@@ -338,9 +339,9 @@ def generate(model, prompts, outdir="outputs/txt2img-samples", ddim_steps=50, pl
             images = sample_images(model, cond, uc, seed + i, H, W, ddim_steps, scale, ddim_eta, plms, progress, noise)
             for k, image in enumerate(images):
                 stem = f"{name}_{seed + i}" if n_samples == 1 else f"{name}_{seed + i}_{k}"
-                paths.append(save_png(to_uint8(image), os.path.join(folder, stem + (".jpg" if jpeg else ".png")), jpeg))
+                paths.append(save_image(to_uint8(image), os.path.join(folder, stem + (".jpg" if jpeg else ".png")), jpeg))
             rows.append(images)
         grid = make_grid(torch.cat(rows), nrow=n_samples)
         grid_path = os.path.join(folder, f"{name}.jpg" if jpeg else "grid.png")
-        results[prompt] = {"folder": folder, "images": paths, "grid": save_png(to_uint8(grid), grid_path, jpeg)}
+        results[prompt] = {"folder": folder, "images": paths, "grid": save_image(to_uint8(grid), grid_path, jpeg)}
     return results

@@ -124,10 +124,10 @@ def test_generate_as_the_demo_calls_it(tiny_model, tmp_path):
 
 def test_png_writes_are_atomic(tmp_path):
     path = tmp_path / "img.png"
-    sampling.save_png(torch.zeros(4, 4, 3, dtype=torch.uint8), path)
+    sampling.save_image(torch.zeros(4, 4, 3, dtype=torch.uint8), path)
     assert np.asarray(Image.open(path)).shape == (4, 4, 3)
     with pytest.raises(TypeError):
-        sampling.save_png(torch.zeros(4, 4, 3, dtype=torch.float64), tmp_path / "bad.png")  # PIL refuses float64 RGB
+        sampling.save_image(torch.zeros(4, 4, 3, dtype=torch.float64), tmp_path / "bad.png")  # PIL refuses float64 RGB
     assert sorted(os.listdir(tmp_path)) == ["img.png"]
 
 

@@ -165,7 +165,7 @@ def sample(opt, model, prompts, folder, side, device):
             image = sampling.sample_images(model, cond, uc, opt.seed + i, side, side, opt.ddim_steps, opt.scale,
                                            progress=False)[0]
             path = os.path.join(folder, name, f"{name}_{opt.seed + i}.png")
-            out[template].append(sampling.save_png(sampling.to_uint8(image), path))
+            out[template].append(sampling.save_image(sampling.to_uint8(image), path))
     return out
 
 

@@ -122,7 +122,7 @@ def run(opt):
         maps = am.token_maps(recorder.mean(), h, w)[0]  # (77, h, w)
         pixels = sampling.to_uint8(image)
         os.makedirs(os.path.join(opt.outdir, "samples"), exist_ok=True)
-        result = {"image": sampling.save_png(pixels, os.path.join(opt.outdir, "samples", stem + ".png")), "maps": []}
+        result = {"image": sampling.save_image(pixels, os.path.join(opt.outdir, "samples", stem + ".png")), "maps": []}
         folder = os.path.join(opt.outdir, "attention", stem)
         os.makedirs(folder, exist_ok=True)
         heat = am.upsample_normalised(maps[[p for p, _, _ in positions]], (opt.H, opt.W))
@@ -130,14 +130,14 @@ def run(opt):
         for (pos, _, text), token_heat in zip(positions, heat):
             overlay = am.heat_overlay(pixels, token_heat)
             path = os.path.join(folder, f"{pos:02d}_{file_label(text)}.png")
-            result["maps"].append(sampling.save_png(overlay, path))
+            result["maps"].append(sampling.save_image(overlay, path))
             tiles.append(overlay)
         result["grid"] = os.path.join(folder, "grid.png")
         save_sheet(result["grid"], [tiles], [f"seed {opt.seed + i}"], ["image"] + [text for _, _, text in positions])
         if mask_positions is not None:
             mask = am.concept_mask(maps, mask_positions, (opt.H, opt.W), opt.mask_threshold)
             os.makedirs(masks_out, exist_ok=True)
-            result["mask"] = sampling.save_png(mask.to(torch.uint8) * 255, os.path.join(masks_out, stem + ".png"))
+            result["mask"] = sampling.save_image(mask.to(torch.uint8) * 255, os.path.join(masks_out, stem + ".png"))
         results.append(result)
         print(f"{stem}: {len(result['maps'])} token maps in {folder}" + (f", mask {result['mask']}" if "mask" in result else ""))
     return results
