@@ -1,7 +1,7 @@
 """The real training loop, timed: `main.py -t` for a few hundred steps, per-step time read off its checkpoints.
 
 Everything a user's run does is in the figure: Lightning's loop, the data loader, logging to the progress bar,
-TensorBoard and CSV every step, the non-finite-loss guard, the adapter snapshots. The run saves an adapter snapshot
+TensorBoard and CSV (every `log_every_n_steps`), the non-finite-loss guard, the adapter snapshots. The run saves an adapter snapshot
 every `every` steps; the time per step is the spread of those snapshots' file times divided by the steps between
 them, and the wall time of 1000 steps is projected as (process wall time - steps x per-step) + 1000 x per-step,
 i.e. the run's fixed cost (start-up, model build, first steps, saving) plus 1000 steady steps. Sample grids are off
@@ -40,13 +40,12 @@ def run(config_path, workdir, size, steps, every, gpu, overrides=()):
     if done.returncode:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"main.py exited {done.returncode}: {tail}")
-    snapshots = sorted(glob.glob(os.path.join(logdir, "*", "checkpoints", "adapter_gs-*", "catversion.safetensors")),
-                       key=lambda p: int(re.search(r"adapter_gs-(\d+)", p).group(1)))
+    files = glob.glob(os.path.join(logdir, "*", "checkpoints", "adapter_gs-*", "catversion.safetensors"))
+    snapshots = sorted((int(re.search(r"adapter_gs-(\d+)", f).group(1)), os.path.getmtime(f)) for f in files)
     if len(snapshots) < 2:
         raise RuntimeError(f"expected adapter snapshots every {every} steps, found {len(snapshots)}")
-    first, last = snapshots[0], snapshots[-1]
-    span = int(re.search(r"adapter_gs-(\d+)", last).group(1)) - int(re.search(r"adapter_gs-(\d+)", first).group(1))
-    per_step = (os.path.getmtime(last) - os.path.getmtime(first)) / span
+    (first_step, first_time), (last_step, last_time) = snapshots[0], snapshots[-1]
+    per_step = (last_time - first_time) / (last_step - first_step)
     return {"steps": steps, "snapshot_every": every, "process_wall_s": wall, "step_s": per_step,
             "fixed_s": wall - steps * per_step, "projected_1000_steps_s": wall - steps * per_step + 1000 * per_step,
             "overrides": list(overrides), "lr_line": next((line for line in done.stdout.splitlines()
