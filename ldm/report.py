@@ -1,6 +1,10 @@
-"""The one writer of image sheets: images in rows and columns, small ones enlarged, each row and column labelled."""
+"""The one writer of reports: tables (CSV, markdown), bar charts (PNG) and image sheets (rows and columns, small
+images enlarged, each row and column labelled)."""
+import csv
+import io
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -134,3 +138,56 @@ def save_sheet(path, images, row_labels=None, col_labels=None, **options):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
     return sheet
+
+
+def markdown_table(header, rows):
+    """A markdown table: a header row of cells, then each row's cells (any values; str() of each)."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines) + "\n"
+
+
+def csv_text(rows, fields=None):
+    """CSV of dict rows; `fields` (default: the first row's keys) pick and order the columns."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields or list(rows[0]), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def bar_chart(groups, series, errors=None, title="", ylabel="", ylim=None, fmt="%.3f"):
+    """PNG bytes: one cluster of bars per group, one bar per series (`series`: {label: [one value per group]}),
+    with error bars from `errors` ({label: [...]}) where given."""
+    # Figure + Agg canvas directly: no pyplot, so no global backend or figure state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(4.0, 0.9 * len(groups) * len(series) + 2), 3.8), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    width = 0.8 / len(series)
+    for k, (label, values) in enumerate(series.items()):
+        yerr = (errors or {}).get(label)
+        bars = axes.bar([i + k * width for i in range(len(groups))], values, width, yerr=yerr,
+                        capsize=3 if yerr else 0, label=label)
+        axes.bar_label(bars, fmt=fmt, fontsize=7)
+    axes.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))], groups, fontsize=8)
+    if ylim is not None:
+        axes.set_ylim(*ylim)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=9)
+    if len(series) > 1:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_files(files):
+    """Write {path: str or bytes}, each atomically (folders made). Render everything first, then call this, so that
+    a failure while rendering leaves no file of the set behind."""
+    for path, data in files.items():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        data = data.encode() if isinstance(data, str) else data
+        atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))

@@ -57,3 +57,34 @@ def test_label_counts_must_match_the_images():
         image_sheet(_images(3, 8), col_labels=["a", "b"], ncols=3)
     with pytest.raises(ValueError, match="1 row labels for 2 rows of images"):
         image_sheet([[Image.new("RGB", (8, 8))], [Image.new("RGB", (8, 8))]], row_labels=["x"])
+
+
+def test_tables_round_trip_as_csv_and_markdown(tmp_path):
+    import csv
+    import io
+
+    from ldm.report import csv_text, markdown_table, write_files
+
+    rows = [{"method": "catversion", "clip_i": 0.81, "note": "a, b"}, {"method": "ti", "clip_i": 0.7, "note": ""}]
+    text = csv_text(rows, ["method", "clip_i"])
+    assert list(csv.DictReader(io.StringIO(text))) == [{"method": "catversion", "clip_i": "0.81"},
+                                                       {"method": "ti", "clip_i": "0.7"}]
+    md = markdown_table(["method", "CLIP-I"], [["catversion", "0.810"], ["ti", "0.700"]])
+    assert md.splitlines() == ["| method | CLIP-I |", "| --- | --- |", "| catversion | 0.810 |", "| ti | 0.700 |"]
+    write_files({tmp_path / "out" / "t.csv": text, tmp_path / "out" / "t.md": md.encode()})
+    assert (tmp_path / "out" / "t.csv").read_text() == text and (tmp_path / "out" / "t.md").read_text() == md
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t.csv", "t.md"]  # no temporary left behind
+
+
+def test_bar_chart_is_a_png_with_one_bar_per_group_and_series():
+    import io
+
+    from ldm.report import bar_chart
+
+    png = bar_chart(["CLIP-I", "CLIP-T", "DINO"], {"a": [0.8, 0.3, 0.6], "b": [0.7, 0.25, 0.5]},
+                    errors={"a": [0.01, 0.02, 0.03]}, title="t", ylim=(0, 1))
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG" and image.width >= 400 and image.height >= 300
+        # both series' colours (matplotlib's first two: tab:blue, tab:orange) are drawn
+        colours = {c for _, c in image.convert("RGB").getcolors(1 << 20)}
+        assert (31, 119, 180) in colours and (255, 127, 14) in colours

@@ -23,9 +23,8 @@ Inversion (the v1-finetune-textual-inversion.yaml beside --base). Own variants: 
 where the pseudo-key `base=CONFIG` swaps the config file.
 """
 import argparse
-import csv
-import io
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -214,55 +213,20 @@ def add_means(rows, metrics):
     return out
 
 
-def markdown(rows, metrics):
-    head = COLUMNS + [LABELS[m] for m in metrics]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    for r in rows:
-        cells = [str(r[c]) for c in COLUMNS] + [f"{r[m]:.4f}" for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def bar_chart(rows, metrics, title):
-    """PNG bytes: per variant, the metrics averaged over concepts, as grouped bars."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def write_table(outdir, rows, metrics, title):
+    """ablation.csv (every row), ablation.md (the table) and ablation.png (per variant, the metrics averaged over
+    concepts); returns their paths."""
+    from ldm import report
 
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    figure = Figure(figsize=(1.2 * len(variants) * len(metrics) + 2, 3.8), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    width = 0.8 / len(metrics)
-    for k, m in enumerate(metrics):
-        values = []
-        for v in variants:
-            mine = [r[m] for r in rows if r["variant"] == v and r["concept"] != "mean"]
-            values.append(sum(mine) / len(mine))
-        bars = axes.bar([i + k * width for i in range(len(variants))], values, width, label=LABELS[m])
-        axes.bar_label(bars, fmt="%.3f", fontsize=8)
-    axes.set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(variants))], variants)
-    axes.set_ylabel("cosine similarity")
-    axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def write_table(outdir, rows, metrics, title):
-    from ldm.util import atomic_write
-
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS + metrics, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: r[k] for k in COLUMNS + metrics} for r in rows)
-    paths = {"csv": Path(outdir, "ablation.csv"), "md": Path(outdir, "ablation.md"), "png": Path(outdir, "ablation.png")}
-    payloads = {"csv": text.getvalue().encode(), "md": (f"{title}\n\n" + markdown(rows, metrics)).encode(),
-                "png": bar_chart(rows, metrics, title)}
-    for key, data in payloads.items():
-        atomic_write(paths[key], lambda tmp, data=data: Path(tmp).write_bytes(data))
-    return {k: str(p) for k, p in paths.items()}
+    means = {LABELS[m]: [statistics.mean(r[m] for r in rows if r["variant"] == v and r["concept"] != "mean")
+                         for v in variants] for m in metrics}
+    table = report.markdown_table(COLUMNS + [LABELS[m] for m in metrics],
+                                  [[r[c] for c in COLUMNS] + [f"{r[m]:.4f}" for m in metrics] for r in rows])
+    paths = {k: str(Path(outdir, f"ablation.{k}")) for k in ("csv", "md", "png")}
+    report.write_files({paths["csv"]: report.csv_text(rows, COLUMNS + metrics), paths["md"]: f"{title}\n\n{table}",
+                        paths["png"]: report.bar_chart(variants, means, title=title, ylabel="cosine similarity")})
+    return paths, table
 
 
 # --- driver --------------------------------------------------------------------------------------------------
@@ -301,11 +265,11 @@ def run(opt):
     title = (f"{len(concepts)} concept(s), {len(opt.prompts)} prompt(s) x {opt.n_images} image(s), "
              f"{'CLIP ' + opt.clip_model if clip else LABELS['pixel_cosine']}")
     rows = add_means(rows, metrics)
-    paths = write_table(opt.outdir, rows, metrics, title)
+    paths, table = write_table(opt.outdir, rows, metrics, title)
     paths["samples"] = os.path.join(opt.outdir, "samples.png")
     save_sheet(paths["samples"], [[clip_metrics.load_image(p) for p in row] for row in sheet.values()], list(sheet),
                [f"{t} (seed {opt.seed + i})" for t in opt.prompts for i in range(opt.n_images)])
-    print(markdown(rows, metrics))
+    print(table)
     print(f"Wrote {paths['csv']}, {paths['md']}, {paths['png']} and {paths['samples']}")
     return rows, paths
 

@@ -11,8 +11,6 @@ prior preservation (pixel change, unchanged read-back) on the `square` prompts. 
 and samples.png (the first seed's images: one row per method, the base model on top).
 """
 import argparse
-import csv
-import io
 import os
 import statistics
 from pathlib import Path
@@ -77,47 +75,29 @@ def summary(rows, methods):
 
 
 def markdown(stats, n_seeds, opt):
+    from ldm.report import markdown_table
     from ldm.toy.scenes import CONCEPT_STRIPES
 
-    head = ["method", "base model's fidelity", *METRICS.values()]
-    lines = [f"Toy world, concept `circle` (striped {' and '.join(CONCEPT_STRIPES)}), {opt.steps} steps, {n_seeds} seed(s), "
-             f"{opt.n} samples per prompt; mean ± std over seeds.", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    for m, s in stats.items():
-        cells = [METHODS[m][1]] + [f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in ["base_fidelity", *METRICS]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    keys = ["base_fidelity", *METRICS]
+    return (f"Toy world, concept `circle` (striped {' and '.join(CONCEPT_STRIPES)}), {opt.steps} steps, {n_seeds} "
+            f"seed(s), {opt.n} samples per prompt; mean ± std over seeds.\n\n"
+            + markdown_table(["method", "base model's fidelity", *METRICS.values()],
+                             [[METHODS[m][1]] + [f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in keys] for m, s in stats.items()]))
 
 
 def bar_chart(stats):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from ldm.report import bar_chart
 
-    figure = Figure(figsize=(9, 3.8), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    width = 0.8 / len(stats)
-    for k, (m, s) in enumerate(stats.items()):
-        xs = [i + k * width for i in range(len(METRICS))]
-        bars = axes.bar(xs, [s[key][0] for key in METRICS], width, yerr=[s[key][1] for key in METRICS], capsize=3,
-                        label=METHODS[m][1])
-        axes.bar_label(bars, fmt="%.2f", fontsize=7)
-    axes.set_xticks([i + width * (len(stats) - 1) / 2 for i in range(len(METRICS))], list(METRICS.values()), fontsize=8)
-    axes.set_ylim(0, 1.1)
-    axes.set_title("Toy world: learning a striped circle from 5 images (mean ± std over seeds)", fontsize=9)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return bar_chart(list(METRICS.values()), {METHODS[m][1]: [s[k][0] for k in METRICS] for m, s in stats.items()},
+                     errors={METHODS[m][1]: [s[k][1] for k in METRICS] for m, s in stats.items()}, ylim=(0, 1.1),
+                     fmt="%.2f", title="Toy world: learning a striped circle from 5 images (mean ± std over seeds)")
 
 
 def run(opt):
     import torch
 
-    from ldm.report import save_sheet
+    from ldm.report import csv_text, save_sheet, write_files
     from ldm.toy.scenes import write_concept_folder
-    from ldm.util import atomic_write
 
     torch.set_num_threads(1)  # see scripts/demo.py
     if not os.path.isfile(opt.ckpt_path):
@@ -135,14 +115,9 @@ def run(opt):
                     grid_rows.append(torch.cat([r["images"][0][:4] for r in results.values()]))
                 grid_rows.append(torch.cat([r["images"][1][:4] for r in results.values()]))
     stats = summary(rows, opt.methods)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
     paths = {k: Path(opt.outdir, f"toy_benchmark.{k}") for k in ("csv", "md", "png")}
     table = markdown(stats, len(opt.seeds), opt)
-    for key, data in {"csv": text.getvalue().encode(), "md": table.encode(), "png": bar_chart(stats)}.items():
-        atomic_write(paths[key], lambda tmp, data=data: Path(tmp).write_bytes(data))
+    write_files({paths["csv"]: csv_text(rows), paths["md"]: table, paths["png"]: bar_chart(stats)})
     paths["samples"] = Path(opt.outdir, "samples.png")
     save_sheet(paths["samples"], grid_rows, ["base model", *(METHODS[m][1] for m in opt.methods)],
                [f"{p} #{i + 1}" for p in CONCEPT_PROMPTS + PRIOR_PROMPTS for i in range(min(4, opt.n))])
