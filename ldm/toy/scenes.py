@@ -20,7 +20,10 @@ COLOURS = {
     "purple": (140, 50, 170), "orange": (240, 140, 30), "white": (240, 240, 240), "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle", "star")
-CONCEPT_SHAPE, CONCEPT_STRIPES = "circle", ("purple", "orange")
+# The toy concepts: striped objects the pretraining world never draws (each shape and colour appears, striped
+# objects appear, but never these stripes on this shape). The first is the demo's.
+CONCEPTS = {"circle": ("purple", "orange"), "square": ("yellow", "purple"), "triangle": ("orange", "yellow")}
+CONCEPT_SHAPE, CONCEPT_STRIPES = "circle", CONCEPTS["circle"]
 
 
 def _polygon(shape, cx, cy, r):
@@ -84,14 +87,14 @@ def caption(shape, colour=None, background=None, stripes=None, article=True):
 def random_scene(rng, size=64, stripe_p=0.25, drop_colour_p=0.3, drop_background_p=0.3, drop_article_p=0.5,
                  empty_p=0.1):
     """(image, caption) of the pretraining world. Captions leave attributes out at random, so that `circle`, `circle on
-    a blue background` and the empty prompt (classifier-free guidance) all mean something; the demo concept is never
+    a blue background` and the empty prompt (classifier-free guidance) all mean something; the CONCEPTS are never
     drawn."""
     names = list(COLOURS)
     shape, background = rng.choice(SHAPES), rng.choice(names)
     others = [c for c in names if c != background]
     colour = stripes = None
     if rng.random() < stripe_p:
-        while stripes is None or (shape == CONCEPT_SHAPE and set(stripes) == set(CONCEPT_STRIPES)):
+        while stripes is None or set(stripes) == set(CONCEPTS.get(shape, ())):
             stripes = tuple(rng.sample(others, 2))
     else:
         colour = rng.choice(others)
@@ -116,19 +119,20 @@ def to_model_range(images):
     return np.stack([np.asarray(image) for image in images]).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
 
 
-def concept_images(n=5, size=64, seed=0, stripes=CONCEPT_STRIPES, backgrounds=None):
-    """The demo concept: a circle striped in two colours, at different places on different backgrounds (by default
-    every colour but the stripes', in turn)."""
+def concept_images(n=5, size=64, seed=0, stripes=CONCEPT_STRIPES, backgrounds=None, shape=CONCEPT_SHAPE):
+    """A concept (by default the demo's circle striped purple and orange) at different places on different
+    backgrounds (by default every colour but the stripes', in turn)."""
     rng = random.Random(seed)
     backgrounds = backgrounds or [c for c in COLOURS if c not in stripes]
-    return [draw_scene(CONCEPT_SHAPE, None, backgrounds[i % len(backgrounds)], *random_layout(rng, size), size=size,
+    return [draw_scene(shape, None, backgrounds[i % len(backgrounds)], *random_layout(rng, size), size=size,
                        stripes=stripes) for i in range(n)]
 
 
-def write_concept_folder(folder, n=5, size=64, seed=0):
+def write_concept_folder(folder, n=5, size=64, seed=0, shape=CONCEPT_SHAPE):
+    """`n` images of the concept CONCEPTS[shape] as PNG files in `folder`."""
     os.makedirs(folder, exist_ok=True)
     paths = []
-    for i, img in enumerate(concept_images(n, size, seed)):
+    for i, img in enumerate(concept_images(n, size, seed, CONCEPTS[shape], shape=shape)):
         path = os.path.join(folder, f"{i:02d}.png")
         atomic_write(path, lambda tmp, img=img: img.save(tmp, format="PNG"))
         paths.append(path)
