@@ -20,7 +20,6 @@ import os
 import shutil
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOY = {"ckpt_path": "models/toy/toy-sd.ckpt", "configs": "configs/toy", "prompts": "configs/prompts/toy.txt",
        "ddim_steps": 25, "scale": 5.0, "steps": 400}
 SD = {"ckpt_path": "models/sd/v1-5.ckpt", "configs": "configs/stable-diffusion",
@@ -86,8 +85,9 @@ def prepare(opt):
     return concepts, methods, comparison.read_prompts(opt.prompts)
 
 
-def train(opt, name, method, concepts):
-    """Train `method` on the concepts it has not learned yet (one run); returns {concept: adapter folder}."""
+def train(opt, name, method, concepts, seed=23):
+    """Train `method` on the concepts it has not learned yet (one run, main.py's `--seed`); returns {concept: adapter
+    folder}."""
     from omegaconf import OmegaConf
 
     from ldm.cli import train as main
@@ -101,7 +101,7 @@ def train(opt, name, method, concepts):
         args = ["--base", config, "-t", "--actual_resume", opt.ckpt_path, "-l", os.path.join(opt.out, "runs", name),
                 "-n", name, "--data_root", *(concepts[c]["root"] for c in batch),
                 "--init_word", *(concepts[c]["word"] for c in batch),
-                "lightning.callbacks.image_logger.params.batch_frequency=0", *method["overrides"]]
+                "--seed", str(seed), "lightning.callbacks.image_logger.params.batch_frequency=0", *method["overrides"]]
         if opt.steps is not None:
             args.append(f"lightning.trainer.max_steps={opt.steps}")
         logdir, _ = main.run(*main.get_parser().parse_known_args(args))
@@ -112,13 +112,29 @@ def train(opt, name, method, concepts):
     return adapters
 
 
-def sample(opt, name, adapter, concept, prompts, device):
-    """[(prompt index, seed, image path)] of one cell; images already on disk are kept."""
+def load_personalized(opt, adapter, device="cpu"):
+    """The base model with a learned concept (a CatVersion adapter folder, or one holding a Textual Inversion
+    `embeddings.pt`); returns (model, the word that names the concept in prompts or None for the class word, the
+    number of learned values)."""
     from ldm import sampling
     from ldm.modules.embedding_manager import load_embeddings_into
 
+    embeddings = os.path.join(adapter, "embeddings.pt")
+    textual_inversion = os.path.isfile(embeddings)
+    model = sampling.load_model(os.path.join(opt.configs, "v1-inference.yaml"), opt.ckpt_path, device,
+                                [] if textual_inversion else [adapter], verbose=False).eval()
+    if not textual_inversion:
+        return model, None, sum(p.numel() for p in model.cond_stage_model.adapter_parameters())
+    manager = load_embeddings_into(model.cond_stage_model, embeddings)
+    return model, manager.placeholder_strings[0], sum(p.numel() for p in manager.embedding_parameters())
+
+
+def sample(opt, name, adapter, concept, prompts, device):
+    """[(prompt index, seed, image path)] of one cell; images already on disk are kept."""
+    from ldm import sampling
+
     model = None
-    images, placeholder = [], None
+    images = []
     for i, template in enumerate(prompts):
         for seed in range(opt.seed, opt.seed + opt.n_images):
             path = os.path.join(opt.out, "samples", name, concept["name"], f"{i:02d}", f"{seed}.png")
@@ -126,15 +142,10 @@ def sample(opt, name, adapter, concept, prompts, device):
             if os.path.isfile(path):
                 continue
             if model is None:
-                embeddings = os.path.join(adapter, "embeddings.pt")
-                textual_inversion = os.path.isfile(embeddings)
-                model = sampling.load_model(os.path.join(opt.configs, "v1-inference.yaml"), opt.ckpt_path, device,
-                                            [] if textual_inversion else [adapter], verbose=False).eval()
-                if textual_inversion:
-                    placeholder = load_embeddings_into(model.cond_stage_model, embeddings).placeholder_strings[0]
+                model, placeholder, _ = load_personalized(opt, adapter, device)
                 uc = sampling.unconditional_embedding(model, cache_dir="") if opt.scale != 1.0 else None
             cond = model.get_learned_conditioning([template.format(placeholder or concept["word"])])
-            side = opt.H if getattr(opt, "H", None) else 8 * model.image_size
+            side = 8 * model.image_size
             image = sampling.sample_images(model, cond, uc, seed, side, side, opt.ddim_steps, opt.scale, progress=False)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             sampling.save_image(sampling.to_uint8(image)[0], path)

@@ -13,13 +13,15 @@ and samples.png (the first seed's images: one row per method, the base model on 
 import argparse
 import os
 import statistics
+import time
 from pathlib import Path
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-METHODS = {  # name -> (ablation preset, what it is)
-    "catversion": ("deep", "CatVersion, layers 9-11"),
-    "textual_inversion": ("ti", "Textual Inversion"),
-    "catversion_shallow": ("shallow", "CatVersion, layers 0-2"),
+
+METHODS = {  # presets of configs/compare/methods.yaml
+    "catversion": "CatVersion, layers 9-11", "textual_inversion": "Textual Inversion",
+    "catversion_0_2": "CatVersion, layers 0-2",
 }
 CONCEPT_PROMPTS = ["circle on a blue background", "circle on a red background", "circle on a green background"]
 PRIOR_PROMPTS = ["square on a blue background", "a red square on a white background"]
@@ -45,17 +47,21 @@ def get_parser():
 
 def run_one(opt, method, seed):
     """Train `method` with `seed`; returns the row of toy metrics and the compare() results."""
-    from ldm.cli import ablation
+    from ldm.cli import compare as comparison
+    from ldm.evaluation.comparison import read_methods
     from ldm.toy.metrics import compare
 
-    preset, _ = METHODS[method]
-    (_, base, overrides), = ablation.build_variants(argparse.Namespace(base=opt.base, presets=[preset], variant=[]))
-    model, info, placeholder, _ = ablation.train(opt, method, base, overrides, ("concept", opt.data_root, "circle"),
-                                                 os.path.join(opt.outdir, "runs", f"{method}-seed{seed}"), seed=seed)
+    run = argparse.Namespace(out=os.path.join(opt.outdir, f"seed{seed}"), configs=os.path.dirname(opt.base),
+                             ckpt_path=opt.ckpt_path, steps=opt.steps)
+    start = time.time()
+    preset = read_methods(os.path.join(ROOT, "configs", "compare", "methods.yaml"), [method])[method]
+    adapter = comparison.train(run, method, preset, {"concept": {"root": opt.data_root, "word": "circle"}}, seed)
+    seconds = round(time.time() - start, 1)
+    model, placeholder, learned = comparison.load_personalized(run, adapter["concept"])
     results = compare(model.eval(), CONCEPT_PROMPTS + PRIOR_PROMPTS, n=opt.n, seed=seed, placeholder=placeholder)
     concept = [results[p]["personal"] for p in CONCEPT_PROMPTS]
     prior = [results[p]["personal"] for p in PRIOR_PROMPTS]
-    row = {"method": method, "seed": seed, "trainable": info["trainable"], "train_seconds": info["train_seconds"],
+    row = {"method": method, "seed": seed, "trainable": learned, "train_seconds": seconds,
            "base_fidelity": statistics.mean(results[p]["base"]["fidelity"] for p in CONCEPT_PROMPTS),
            "fidelity": statistics.mean(s["fidelity"] for s in concept),
            "editability": statistics.mean(s["editability"] for s in concept),
@@ -82,14 +88,14 @@ def markdown(stats, n_seeds, opt):
     return (f"Toy world, concept `circle` (striped {' and '.join(CONCEPT_STRIPES)}), {opt.steps} steps, {n_seeds} "
             f"seed(s), {opt.n} samples per prompt; mean ± std over seeds.\n\n"
             + markdown_table(["method", "base model's fidelity", *METRICS.values()],
-                             [[METHODS[m][1]] + [f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in keys] for m, s in stats.items()]))
+                             [[METHODS[m]] + [f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in keys] for m, s in stats.items()]))
 
 
 def bar_chart(stats):
     from ldm.report import bar_chart
 
-    return bar_chart(list(METRICS.values()), {METHODS[m][1]: [s[k][0] for k in METRICS] for m, s in stats.items()},
-                     errors={METHODS[m][1]: [s[k][1] for k in METRICS] for m, s in stats.items()}, ylim=(0, 1.1),
+    return bar_chart(list(METRICS.values()), {METHODS[m]: [s[k][0] for k in METRICS] for m, s in stats.items()},
+                     errors={METHODS[m]: [s[k][1] for k in METRICS] for m, s in stats.items()}, ylim=(0, 1.1),
                      fmt="%.2f", title="Toy world: learning a striped circle from 5 images (mean ± std over seeds)")
 
 
@@ -119,7 +125,7 @@ def run(opt):
     table = markdown(stats, len(opt.seeds), opt)
     write_files({paths["csv"]: csv_text(rows), paths["md"]: table, paths["png"]: bar_chart(stats)})
     paths["samples"] = Path(opt.outdir, "samples.png")
-    save_sheet(paths["samples"], grid_rows, ["base model", *(METHODS[m][1] for m in opt.methods)],
+    save_sheet(paths["samples"], grid_rows, ["base model", *(METHODS[m] for m in opt.methods)],
                [f"{p} #{i + 1}" for p in CONCEPT_PROMPTS + PRIOR_PROMPTS for i in range(min(4, opt.n))])
     print(table)
     print(f"Wrote {', '.join(str(p) for p in paths.values())} (samples.png rows: base, {', '.join(opt.methods)}; "
