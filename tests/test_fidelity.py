@@ -46,3 +46,56 @@ def test_training_on_their_photos_with_and_without_the_authors_preset(preset, ti
     assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == preset
     adapter = torch.load(os.path.join(logdir, "checkpoints", "adapter", "pytorch_adapter.bin"), weights_only=True)
     assert all(torch.isfinite(v).all() for v in adapter.values())
+
+
+# --- their released adapters and uc.pt, from the project's copy ----------------------------------------------------
+AUTHORS = "models/authors"
+
+
+def test_the_copies_are_the_files_the_readme_names():
+    import hashlib
+    import re
+
+    with open(os.path.join(AUTHORS, "README.md")) as f:
+        rows = re.findall(r"^\| `([^`]+)` \|.*\| `([0-9a-f]{64})` \|$", f.read(), re.M)
+    assert len(rows) == 4 and os.path.isfile(os.path.join(AUTHORS, "LICENSE"))
+    for pattern, digest in rows:
+        paths = [os.path.join(AUTHORS, pattern.replace("*", c)) for c in ("colorful_teapot", "teddybear")]
+        for path in dict.fromkeys(paths):
+            with open(path, "rb") as f:
+                assert hashlib.sha256(f.read()).hexdigest() == digest, path
+
+
+def test_their_uc_pt_is_the_empty_prompt_shape_and_reads_safely():
+    from ldm.weights import load
+
+    uc = load(os.path.join(AUTHORS, "uc.pt"))
+    assert isinstance(uc, torch.Tensor) and uc.shape == (1, 77, 768) and uc.dtype == torch.float32
+    assert torch.isfinite(uc).all()
+
+
+@pytest.mark.parametrize("concept", ["colorful_teapot", "teddybear"])
+def test_their_released_adapters_give_the_formulas_conditioning_on_sd_shaped_clip(concept):
+    """Random ViT-L/14 text weights; the formula (extra K/V prepended after the projections, +1 on their logits) is the
+    independent transcription in tests/test_concat_kv.py."""
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    from .test_concat_kv import reference_conditioning, reference_layout
+
+    torch.manual_seed(0)
+    emb = FrozenCLIPEmbedder()  # SD v1.5's text encoder shape, random weights
+    folder = os.path.join(AUTHORS, "adapters", concept)
+    saved = torch.load(os.path.join(folder, "pytorch_adapter.bin"), map_location="cpu", weights_only=True)  # saved on CUDA
+    flat = next(iter(saved.values()))
+    assert flat.shape == (4608,) and all(torch.equal(v, flat) for v in saved.values())
+    a = emb.adapter_load(folder)
+    assert (a.layers, a.num_tokens, a.logit_bias) == ([9, 10, 11], 1, 1.0) and torch.equal(a.control_trans, flat)
+    prompts = [concept.replace("_", " ") + " on the beach", ""]
+    extras = {layer: [(k, v, 1.0)] for layer, (k, v) in reference_layout(flat, 2, 1, [9, 10, 11], 12).items()}
+    with torch.no_grad():
+        ours = emb(prompts)
+        formula = reference_conditioning(emb.transformer, emb.tokenize(prompts), extras)
+        with emb.adapter_disabled():
+            plain = emb(prompts)
+    assert (ours - formula).abs().max() <= 1e-5
+    assert (ours - plain).abs().max() > 1e-2  # the adapter does act
