@@ -9,6 +9,7 @@ import main
 from ldm.models.diffusion.ddpm import LatentDiffusion
 
 from .conftest import TINY_FINETUNE
+from .test_evaluate import tiny_weights  # noqa: F401  (a fixture: the tiny CLIP the evaluation tests build)
 
 PHOTOS = "tests/data/authors/teddybear"
 
@@ -99,3 +100,47 @@ def test_their_released_adapters_give_the_formulas_conditioning_on_sd_shaped_cli
             plain = emb(prompts)
     assert (ours - formula).abs().max() <= 1e-5
     assert (ours - plain).abs().max() > 1e-2  # the adapter does act
+
+
+# --- their masked CLIP-I layout: background-removed copies in <dir>/rm_mask/ ----------------------------------------
+def test_rm_mask_layout_equals_a_direct_computation(tmp_path, tiny_weights, capsys):
+    import json
+
+    import numpy as np
+    import open_clip
+    from PIL import Image
+
+    from .test_evaluate import PROMPT, TINY, _random_image, _write_images, evaluate
+
+    rng = np.random.default_rng(3)
+    for side, n in (("ref", 2), ("gen", 3)):
+        _write_images(tmp_path / side, {f"{side}{i}.png": _random_image(rng) for i in range(n)})
+        _write_images(tmp_path / side / "rm_mask", {f"{side}{i}.png": _random_image(rng, (40, 56)) for i in range(n)})
+    argv = ["--ref_dir", str(tmp_path / "ref"), "--gen_dir", str(tmp_path / "gen"), "--prompt", PROMPT,
+            "--clip_weights", str(tiny_weights), "--clip_model", TINY, "--out", str(tmp_path / "scores.json")]
+    evaluate.main(argv + ["--rm_mask"])
+    report = json.loads((tmp_path / "scores.json").read_text())
+
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY, pretrained=str(tiny_weights),
+                                                                 force_quick_gelu=True)
+    model.eval()
+
+    def feature(path):
+        with torch.no_grad():
+            return model.encode_image(preprocess(Image.open(path).convert("RGB"))[None])[0].double()
+
+    def mean_cosine(ref_folder, gen_folder):
+        refs, gens = [[feature(p) for p in sorted(f.glob("*.png"))] for f in (ref_folder, gen_folder)]
+        return np.mean([float(g @ r / (g.norm() * r.norm())) for g in gens for r in refs])
+
+    masked = mean_cosine(tmp_path / "ref" / "rm_mask", tmp_path / "gen" / "rm_mask")
+    assert report["masked_clip_i"] == pytest.approx(masked, abs=1e-6)
+    assert report["masked_clip_i_rule"].startswith("rm_mask: background-removed copies")
+    # the unmasked score pairs every reference itself (their script reuses the last masked reference instead)
+    assert report["clip_i"] == pytest.approx(mean_cosine(tmp_path / "ref", tmp_path / "gen"), abs=1e-6)
+    assert abs(report["clip_i"] - masked) > 1e-3 and len(report["per_image"]) == 3
+    assert all("masked_clip_i" in row for row in report["per_image"])
+    assert "masked CLIP-I rule: rm_mask" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv + ["--rm_mask", "--ref_masks", str(tmp_path), "--gen_masks", str(tmp_path)])
+    assert e.value.code == 2 and "two masked CLIP-I rules" in capsys.readouterr().err
