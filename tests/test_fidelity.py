@@ -152,12 +152,10 @@ def test_textual_inversion_config_has_textual_inversions_own_values():
 
     c = OmegaConf.load("configs/stable-diffusion/v1-finetune-textual-inversion.yaml")
     manager, train = c.model.params.personalization_config.params, c.data.params.train.params
-    assert (c.model.base_learning_rate, c.data.params.batch_size, c.data.params.num_workers) == (5.0e-03, 2, 2)
-    assert (manager.placeholder_strings, manager.initializer_words, manager.num_vectors_per_token) == (["*"],
-                                                                                                     ["sculpture"], 1)
-    assert (train.size, train.repeats, train.flip_p, train.placeholder_token, len(train.templates)) == (512, 100, 0.5,
-                                                                                                       "*", 81)
     logger = c.lightning.callbacks.image_logger.params
-    assert (c.lightning.modelcheckpoint.params.every_n_train_steps, logger.batch_frequency, logger.max_images) == (500,
-                                                                                                                  500, 8)
-    assert c.lightning.trainer.max_steps == 6100
+    ours = [c.model.base_learning_rate, c.data.params.batch_size, c.data.params.num_workers,
+            manager.placeholder_strings, manager.initializer_words, manager.num_vectors_per_token,
+            train.size, train.repeats, train.flip_p, train.placeholder_token, len(train.templates),
+            c.lightning.modelcheckpoint.params.every_n_train_steps, logger.batch_frequency, logger.max_images,
+            c.lightning.trainer.max_steps]
+    assert ours == [5.0e-03, 2, 2, ["*"], ["sculpture"], 1, 512, 100, 0.5, "*", 81, 500, 500, 8, 6100]
