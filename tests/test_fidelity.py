@@ -159,3 +159,35 @@ def test_textual_inversion_config_has_textual_inversions_own_values():
             c.lightning.modelcheckpoint.params.every_n_train_steps, logger.batch_frequency, logger.max_images,
             c.lightning.trainer.max_steps]
     assert ours == [5.0e-03, 2, 2, ["*"], ["sculpture"], 1, 512, 100, 0.5, "*", 81, 500, 500, 8, 6100]
+
+
+def test_sd_finetune_config_holds_the_authors_training_values():
+    """Their configs/stable-diffusion/v1-finetune.yaml values, main.py's defaults and the adapter-transformers
+    PrefixTuningConfig they build (docs/fidelity.md rows 11, 12, 14, 27, 31, 32, 36, 38, 42, 44)."""
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.load("configs/stable-diffusion/v1-finetune.yaml")
+    p = c.model.params
+    kv = p.cond_stage_config.params.concat_kv
+    assert (kv.layers, kv.num_tokens, kv.init, kv.logit_bias) == ([9, 10, 11], 1, "randn", 1.0)
+    assert (c.data.params.batch_size, c.data.params.num_workers, c.model.base_learning_rate) == (2, 2, 5.0e-03)
+    assert "scheduler_config" not in p and "use_ema" not in p  # constant learning rate, no EMA
+    trainer = c.lightning.trainer
+    assert (trainer.max_steps, trainer.benchmark, trainer.precision, p.fast.precision) == (1001, True, "32-true", "fp32")
+    assert not {"gradient_clip_val", "accumulate_grad_batches"} & set(trainer)
+    assert c.lightning.modelcheckpoint.params.every_n_train_steps == 250
+
+
+def test_adapter_starts_standard_normal_and_trains_with_torch_adamw(tiny_finetune_model):
+    from ldm.modules.encoders.concat_kv import ConcatKV
+
+    torch.manual_seed(0)
+    flat = ConcatKV(768, 12).control_trans.detach()
+    assert flat.shape == (4608,)
+    assert abs(flat.mean().item()) < 0.05 and abs(flat.std().item() - 1.0) < 0.05  # randn, no scaling
+    tiny_finetune_model.learning_rate = 1e-2
+    optimizer = tiny_finetune_model.configure_optimizers()
+    assert type(optimizer) is torch.optim.AdamW and len(optimizer.param_groups) == 1
+    group = optimizer.param_groups[0]
+    assert group["params"] == tiny_finetune_model.cond_stage_model.adapter_parameters()
+    assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (1e-2, 0.01, (0.9, 0.999), 1e-8)
