@@ -191,3 +191,23 @@ def test_adapter_starts_standard_normal_and_trains_with_torch_adamw(tiny_finetun
     group = optimizer.param_groups[0]
     assert group["params"] == tiny_finetune_model.cond_stage_model.adapter_parameters()
     assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (1e-2, 0.01, (0.9, 0.999), 1e-8)
+
+
+def test_loss_is_their_per_sample_mse_with_noise_drawn_after_the_seed(tiny_finetune_model):
+    """Their p_losses at logvar 0, l_simple_weight 1, original_elbo_weight 0: per-sample MSE over (c, h, w), then the
+    batch mean; the noise is randn_like(z); x_t = sqrt(a_t) z + sqrt(1 - a_t) noise."""
+    model = tiny_finetune_model
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, model.channels, 8, 8, generator=g)
+    t = torch.tensor([3, 917])
+    with torch.no_grad():
+        cond = model.get_learned_conditioning(["a circle", "a circle"])
+        torch.manual_seed(9)
+        ours = model.p_losses(z, cond, t)
+        torch.manual_seed(9)
+        noise = torch.randn_like(z)
+        a = model.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+        x_t = (a.sqrt() * z.double() + (1 - a).sqrt() * noise.double()).float()
+        eps = model.apply_model(x_t, t, cond)
+        theirs = ((noise - eps) ** 2).mean(dim=[1, 2, 3]).mean()
+    assert abs(ours.item() - theirs.item()) < 1e-6 and ours.item() > 0.1

@@ -56,7 +56,7 @@ def test_each_row_names_its_test_or_switch(kind, rule):
 def test_every_as_the_reference_statement_is_listed():
     found = {}
     for top in SEARCHED:
-        walk = [(top, [], [""])] if os.path.isfile(top) else os.walk(top)
+        walk = [("", [], [top])] if os.path.isfile(top) else os.walk(top)
         for folder, _, files in walk:
             for name in files:
                 path = os.path.join(folder, name)
