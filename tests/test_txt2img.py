@@ -280,6 +280,15 @@ def test_run_sh_finds_the_adapter_the_demo_just_trained(tmp_path):
     proc = _run_sh(tmp_path, TOY_STEPS="2", LOGDIR=str(logs))
     assert proc.returncode == 0, proc.stderr
     assert f"Using the demo's adapter {adapter[0]} (concept word: circle)." in proc.stdout
+    # and it was used: the picture is the one txt2img makes with that adapter, not the plain toy model's
+    from .conftest import TOY_CKPT
+
+    toy = ["--config", "configs/toy/v1-inference.yaml", "--ckpt_path", TOY_CKPT, "--H", "64", "--W", "64",
+           "--ddim_steps", "2", "--uc_dir", str(tmp_path / "uc2"), "--device", "cpu", "--prompt", PROMPT, "--seed", "857"]
+    image = pixels(tmp_path / "out" / NAME / f"{NAME}_857.png")
+    with_adapter = only_image(txt2img_main(toy + ["--outdir", str(tmp_path / "a"), "--embedding_path", adapter[0]]))
+    assert np.array_equal(image, with_adapter)
+    assert not np.array_equal(image, only_image(txt2img_main(toy + ["--outdir", str(tmp_path / "b")])))
 
 
 def test_run_sh_with_sd_weights_but_no_adapters_says_how_to_train_them(tiny_ckpt, tmp_path):

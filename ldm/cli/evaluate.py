@@ -1,5 +1,5 @@
 """Score generated images against reference images with CLIP: CLIP-I, CLIP-T, their geometric
-mean and, when masks are given, masked CLIP-I (the concept region only).
+mean and, when masks are given, masked CLIP-I (the concept region only; --rm_mask: the authors' layout instead).
 
 Writes the means and per-image scores as JSON to --out, the per-image rows as CSV and a bar chart
 of the means as PNG beside it (same stem), and prints a table. The metric code lives in
