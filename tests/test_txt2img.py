@@ -400,8 +400,8 @@ def test_authors_preset_is_their_sampler_and_explicit_flags_win(tiny_ckpt, tmp_p
     from ldm.cli.txt2img import parse_args
 
     opt = parse_args(["--authors"])
-    assert (opt.seed, opt.n_iter, opt.noise_device, opt.uc_path, opt.jpeg) == (8888, 2, "device", "models/authors/uc.pt",
-                                                                                  True)
+    assert (opt.seed, opt.n_iter, opt.noise_device, opt.uc_path, opt.jpeg, opt.tf32) == (
+        8888, 2, "device", "models/authors/uc.pt", True, True)
     assert os.path.isfile(opt.uc_path)  # their file ships with the project
     opt = parse_args(["--seed", "78", "--authors", "--n_iter", "1", "--noise_device", "cpu"])
     assert (opt.seed, opt.n_iter, opt.noise_device) == (78, 1, "cpu")
@@ -411,7 +411,10 @@ def test_authors_preset_is_their_sampler_and_explicit_flags_win(tiny_ckpt, tmp_p
     uc = torch.randn(1, 77, width, generator=torch.Generator().manual_seed(6))
     torch.save(uc, tmp_path / "uc.pt")
     spy = SamplerSpy(monkeypatch)
+    for flag in ("torch.backends.cuda.matmul.allow_tf32", "torch.backends.cudnn.allow_tf32"):  # put back afterwards
+        monkeypatch.setattr(flag, False)
     run(tiny_ckpt, tmp_path / "out", "--prompt", PROMPT, "--authors", "--uc_path", str(tmp_path / "uc.pt"))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     assert sorted(os.listdir(tmp_path / "out" / NAME)) == [f"{NAME}.jpg", f"{NAME}_8888.jpg", f"{NAME}_8889.jpg"]
     assert len(spy.calls) == 2 and all(torch.equal(c["uc"], uc) for c in spy.calls)
 

@@ -23,7 +23,7 @@ The unconditional embedding (empty prompt, encoded without adapters) is computed
 
 --authors switches every sampling difference in docs/fidelity.md to the authors' sampler at once: seed 8888, 2
 iterations, x_T drawn on the sampling device, their uc.pt (models/authors/uc.pt), JPEG files at quality 75 with their
-names. Flags given explicitly still win, e.g. `--authors --seed 78 --n_iter 1` is one example of their run.sh.
+names, TF32 on. Flags given explicitly still win, e.g. `--authors --seed 78 --n_iter 1` is one example of their run.sh.
 """
 import argparse
 import os
@@ -35,7 +35,7 @@ from ldm.util import HelpFormatter, add_sampling_args
 
 RANDOM_WEIGHTS = "none"
 # Their scripts/txt2img_generator.py defaults (seed, n_iter), noise, uc file and output files: docs/fidelity.md rows 52-58.
-AUTHORS = dict(seed=8888, n_iter=2, noise_device="device", uc_path="models/authors/uc.pt", jpeg=True)
+AUTHORS = dict(seed=8888, n_iter=2, noise_device="device", uc_path="models/authors/uc.pt", jpeg=True, tf32=True)
 
 
 def default_device():
@@ -75,9 +75,11 @@ def get_parser():
                         "device (the sampling device, as the authors' sampler: their images on a GPU)")
     p.add_argument("--jpeg", action="store_true",
                    help="write the authors' files: JPEG at quality 75, <name>_<seed>.jpg and the grid as <name>.jpg")
+    p.add_argument("--tf32", action="store_true",
+                   help="TF32 CUDA matmuls and convolutions for this process, as the authors' torch 1.10 on Ampere GPUs")
     p.add_argument("--authors", action="store_true",
                    help="the authors' sampler at once: --seed 8888 --n_iter 2 --noise_device device --uc_path "
-                        "models/authors/uc.pt --jpeg (explicit flags still win)")
+                        "models/authors/uc.pt --jpeg --tf32 (explicit flags still win)")
     p.add_argument("--device", default=default_device(), help="torch device: cuda if available, else cpu")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -135,6 +137,10 @@ def run(opt):
     # load_model checks the checkpoint path, the adapters and the strengths before it builds anything.
     if opt.uc_path is not None and not os.path.isfile(opt.uc_path):
         raise ValueError(f"--uc_path {opt.uc_path} not found; pass a saved unconditional embedding such as models/authors/uc.pt (run from the repository root)")
+    if opt.tf32:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = sampling.load_model(config, ckpt_path, device, opt.embedding_path, opt.strength)
     uc = sampling.read_uc(opt.uc_path, model) if opt.uc_path else None
     results = sampling.generate(model, prompts, opt.outdir, ddim_steps=opt.ddim_steps, plms=opt.plms,
