@@ -1,5 +1,6 @@
 #!/bin/sh
-# The reference's four examples (CatVersion run.sh): two concepts, two prompts each, DDIM 50 steps, guidance 10.
+# The authors' four examples (their run.sh): two concepts, two prompts each, DDIM 50 steps, eta 0, guidance 10, with
+# their released adapters and uc.pt (models/authors/) and their sampler (txt2img --authors: x_T on the device, JPEG q75).
 # Without the SD v1.5 weights it says how to get them and runs a small example on the toy world's model instead.
 # Every setting below can be overridden from the environment, e.g. `TOY_STEPS=2 OUTDIR=/tmp/out sh run.sh`.
 # Relative paths are relative to this folder (the repository root).
@@ -7,8 +8,8 @@ set -e
 cd "$(dirname "$0")"
 
 SD_CKPT="${SD_CKPT:-models/sd/v1-5.ckpt}"
-TEAPOT_ADAPTER="${TEAPOT_ADAPTER:-logs/colorful_teapot/checkpoints/adapter}"
-TEDDYBEAR_ADAPTER="${TEDDYBEAR_ADAPTER:-logs/teddybear/checkpoints/adapter}"
+TEAPOT_ADAPTER="${TEAPOT_ADAPTER:-models/authors/adapters/colorful_teapot}"  # their adapter_gs-999
+TEDDYBEAR_ADAPTER="${TEDDYBEAR_ADAPTER:-models/authors/adapters/teddybear}"
 OUTDIR="${OUTDIR:-outputs/txt2img-samples}"
 UC_DIR="${UC_DIR:-models/uc}"
 PYTHON="${PYTHON:-python}"
@@ -31,7 +32,7 @@ example() {
         echo "then point this script at it: e.g. $(echo "$2" | tr '[:lower:]' '[:upper:]' | tr -d _)_ADAPTER=logs/<run folder>/checkpoints/adapter sh run.sh"
         return 0
     fi
-    txt2img --ddim_steps 50 --ckpt_path "$SD_CKPT" --embedding_path "$1" --prompt "$3" --seed "$4"
+    txt2img --authors --ddim_steps 50 --ckpt_path "$SD_CKPT" --embedding_path "$1" --prompt "$3" --seed "$4"
 }
 
 if [ -f "$SD_CKPT" ]; then
@@ -44,7 +45,7 @@ fi
 
 cat <<EOF
 Stable Diffusion v1.5 weights not found at $SD_CKPT.
-To run the reference examples, get the real weights (about 4 GB; accept the license on the model card):
+To run the authors' four examples, get the real weights (about 4 GB; accept the license on the model card):
   download v1-5-pruned-emaonly.safetensors (or .ckpt) from the stable-diffusion-v1-5/stable-diffusion-v1-5 model
   card on Hugging Face (the runwayml copy was removed in 2024) and save it as models/sd/v1-5.ckpt (a .ckpt) or
   pass SD_CKPT=models/sd/v1-5.safetensors (a .safetensors keeps its extension)

@@ -12,6 +12,7 @@ Chosen differently (docs/fidelity.md has each difference with the authors' file:
 - the unconditional embedding is the empty prompt encoded WITHOUT the adapters, of batch 1, broadcast over the batch
   by the guidance (theirs loads a shipped `models/uc.pt`, most likely the same tensor);
 - PNG files (theirs: JPEG, quality 75) and seed 42 by default (theirs: 8888).
+`scripts/txt2img.py --authors` switches all of these back at once.
 """
 import hashlib
 import math

@@ -280,6 +280,15 @@ def test_run_sh_finds_the_adapter_the_demo_just_trained(tmp_path):
     proc = _run_sh(tmp_path, TOY_STEPS="2", LOGDIR=str(logs))
     assert proc.returncode == 0, proc.stderr
     assert f"Using the demo's adapter {adapter[0]} (concept word: circle)." in proc.stdout
+    # and it was used: the picture is the one txt2img makes with that adapter, not the plain toy model's
+    from .conftest import TOY_CKPT
+
+    toy = ["--config", "configs/toy/v1-inference.yaml", "--ckpt_path", TOY_CKPT, "--H", "64", "--W", "64",
+           "--ddim_steps", "2", "--uc_dir", str(tmp_path / "uc2"), "--device", "cpu", "--prompt", PROMPT, "--seed", "857"]
+    image = pixels(tmp_path / "out" / NAME / f"{NAME}_857.png")
+    with_adapter = only_image(txt2img_main(toy + ["--outdir", str(tmp_path / "a"), "--embedding_path", adapter[0]]))
+    assert np.array_equal(image, with_adapter)
+    assert not np.array_equal(image, only_image(txt2img_main(toy + ["--outdir", str(tmp_path / "b")])))
 
 
 def test_run_sh_with_sd_weights_but_no_adapters_says_how_to_train_them(tiny_ckpt, tmp_path):
@@ -385,3 +394,51 @@ def test_uc_path_of_the_wrong_shape_is_one_line(content, found, tiny_ckpt, tmp_p
                    f"prompt's embedding for this model), found {found.format(w=width, w1=width + 1)}; pass the uc.pt "
                    "that belongs to the base model")
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_authors_preset_is_their_sampler_and_explicit_flags_win(tiny_ckpt, tmp_path, monkeypatch):
+    from ldm.cli.txt2img import parse_args
+
+    opt = parse_args(["--authors"])
+    assert (opt.seed, opt.n_iter, opt.noise_device, opt.uc_path, opt.jpeg, opt.tf32) == (
+        8888, 2, "device", "models/authors/uc.pt", True, True)
+    assert os.path.isfile(opt.uc_path)  # their file ships with the project
+    opt = parse_args(["--seed", "78", "--authors", "--n_iter", "1", "--noise_device", "cpu"])
+    assert (opt.seed, opt.n_iter, opt.noise_device) == (78, 1, "cpu")
+    assert (parse_args([]).seed, parse_args([]).jpeg) == (42, False)
+    # a whole run: their uc (here one that fits the tiny model), their seeds and file names
+    width = OmegaConf.load(TINY).model.params.cond_stage_config.params.text_config.hidden_size
+    uc = torch.randn(1, 77, width, generator=torch.Generator().manual_seed(6))
+    torch.save(uc, tmp_path / "uc.pt")
+    spy = SamplerSpy(monkeypatch)
+    for flag in ("torch.backends.cuda.matmul.allow_tf32", "torch.backends.cudnn.allow_tf32"):  # put back afterwards
+        monkeypatch.setattr(flag, False)
+    run(tiny_ckpt, tmp_path / "out", "--prompt", PROMPT, "--authors", "--uc_path", str(tmp_path / "uc.pt"))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert sorted(os.listdir(tmp_path / "out" / NAME)) == [f"{NAME}.jpg", f"{NAME}_8888.jpg", f"{NAME}_8889.jpg"]
+    assert len(spy.calls) == 2 and all(torch.equal(c["uc"], uc) for c in spy.calls)
+
+
+def test_run_sh_with_sd_weights_runs_the_authors_four_examples_with_their_files(tmp_path):
+    """run.sh's commands, recorded by a stand-in for python: their prompts, seeds and flags, their adapters and sampler."""
+    (tmp_path / "sd.ckpt").write_bytes(b"")
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {log}\necho >> {log}\n')
+    fake.chmod(0o755)
+    proc = _run_sh(tmp_path, SD_CKPT=str(tmp_path / "sd.ckpt"), PYTHON=str(fake))
+    assert proc.returncode == 0, proc.stderr
+    calls = [line.rstrip("|").split("|") for line in log.read_text().splitlines()]
+    expected = [("colorful_teapot", "colorful_teapot bicycle", "857"), ("colorful_teapot", "colorful_teapot cake", "545"),
+                ("teddybear", "teddybear on swimming pool", "231"), ("teddybear", "teddybear on the beach", "78")]
+    assert len(calls) == 4
+    for args, (concept, prompt, seed) in zip(calls, expected):
+        args.remove("--authors")  # every other option takes one value
+        flags = dict(zip(args[1::2], args[2::2]))
+        assert args[0] == "scripts/txt2img.py"
+        assert {k: flags[k] for k in ("--ddim_eta", "--n_samples", "--n_iter", "--scale", "--ddim_steps")} == {
+            "--ddim_eta": "0.0", "--n_samples": "1", "--n_iter": "1", "--scale": "10", "--ddim_steps": "50"}
+        assert (flags["--prompt"], flags["--seed"], flags["--ckpt_path"]) == (prompt, seed, str(tmp_path / "sd.ckpt"))
+        assert flags["--embedding_path"] == f"models/authors/adapters/{concept}"
+        assert os.path.isfile(os.path.join(flags["--embedding_path"], "pytorch_adapter.bin"))
+    assert all("--authors" in line for line in log.read_text().splitlines())

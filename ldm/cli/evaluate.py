@@ -1,5 +1,5 @@
 """Score generated images against reference images with CLIP: CLIP-I, CLIP-T, their geometric
-mean and, when masks are given, masked CLIP-I (the concept region only).
+mean and, when masks are given, masked CLIP-I (the concept region only; --rm_mask: the authors' layout instead).
 
 Writes the means and per-image scores as JSON to --out, the per-image rows as CSV and a bar chart
 of the means as PNG beside it (same stem), and prints a table. The metric code lives in
@@ -10,6 +10,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def parse_args(argv):
     )
     parser.add_argument("--ref_masks", help="folder of reference masks (enables masked CLIP-I; needs --gen_masks)")
     parser.add_argument("--gen_masks", help="folder of generated-image masks (needs --ref_masks)")
+    parser.add_argument("--rm_mask", action="store_true",
+                        help="the authors' masked CLIP-I instead: background-removed copies in <ref_dir>/rm_mask/ and "
+                             "<gen_dir>/rm_mask/, scored as they are")
     parser.add_argument("--out", required=True, help="JSON output; the .csv and .png go beside it")
     parser.add_argument("--batch_size", type=int, default=16, help="images per CLIP forward pass")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -59,6 +63,8 @@ def run(args):
         raise ValueError(f"--out {out} would be overwritten by the CSV/PNG written beside it; name it .json")
     if (args.ref_masks is None) != (args.gen_masks is None):
         raise ValueError("--ref_masks and --gen_masks go together; pass both or neither")
+    if args.rm_mask and args.ref_masks is not None:
+        raise ValueError("--rm_mask and --ref_masks/--gen_masks are two masked CLIP-I rules; pass one of them")
     # Cheap input checks first, so that a wrong folder, an unreadable image or an output path that cannot be
     # written is reported before CLIP is built (and before anything is written).
     check_writable(out)
@@ -68,8 +74,11 @@ def run(args):
     if args.ref_masks is not None:
         ref_masks = clip_metrics.load_mask_folder(args.ref_masks, list(ref_paths))
         gen_masks = clip_metrics.load_mask_folder(args.gen_masks, list(gen_paths))
-    ref_images = {stem: load_rgb(path) for stem, path in ref_paths.items()}
-    gen_images = {stem: load_rgb(path) for stem, path in gen_paths.items()}
+    ref_images, gen_images = read_images(ref_paths), read_images(gen_paths)
+    ref_removed = gen_removed = None
+    if args.rm_mask:  # list_images skips these subfolders: the copies never mix with the images themselves
+        ref_removed = read_images(list_images(os.path.join(args.ref_dir, "rm_mask")))
+        gen_removed = read_images(list_images(os.path.join(args.gen_dir, "rm_mask")))
     clip = clip_metrics.load_clip(args.clip_model, args.clip_weights, args.device, args.quick_gelu)
     result = clip_metrics.compute_metrics(
         clip,
@@ -79,6 +88,8 @@ def run(args):
         ref_masks,
         gen_masks,
         args.batch_size,
+        ref_removed,
+        gen_removed,
     )
     for row in result["per_image"]:
         row["image"] = os.path.basename(gen_paths[row["image"]])
@@ -92,6 +103,10 @@ def run(args):
     }
     write_outputs(out, report)
     print(format_table(report))
+
+
+def read_images(paths):
+    return {stem: load_rgb(path) for stem, path in paths.items()}
 
 
 def check_writable(out):
@@ -114,9 +129,11 @@ def format_table(report):
     width = max(len("mean"), *(len(row["image"]) for row in report["per_image"]))
     lines = ["  ".join([f"{'image':<{width}}"] + [f"{LABELS[key]:>13}" for key in columns])]
     for row in report["per_image"]:
-        lines.append("  ".join([f"{row['image']:<{width}}"] + [f"{row[key]:>13.4f}" for key in columns]))
+        lines.append("  ".join([f"{row['image']:<{width}}"] + [f"{row.get(key, math.nan):>13.4f}" for key in columns]))
     lines.append("  ".join([f"{'mean':<{width}}"] + [f"{report[key]:>13.4f}" for key in columns]))
     lines.append(f"geometric mean of CLIP-I and CLIP-T: {report['geometric_mean']:.4f}")
+    if "masked_clip_i_rule" in report:
+        lines.append(f"masked CLIP-I rule: {report['masked_clip_i_rule']}")
     return "\n".join(lines)
 
 

@@ -20,6 +20,10 @@ word, and the result is a blend of the two, not two distinct objects.
 
 The unconditional embedding (empty prompt, encoded without adapters) is computed once per base model and cached in
 --uc_dir under the checkpoint's fingerprint (the authors ship theirs as models/uc.pt instead).
+
+--authors switches every sampling difference in docs/fidelity.md to the authors' sampler at once: seed 8888, 2
+iterations, x_T drawn on the sampling device, their uc.pt (models/authors/uc.pt), JPEG files at quality 75 with their
+names, TF32 on. Flags given explicitly still win, e.g. `--authors --seed 78 --n_iter 1` is one example of their run.sh.
 """
 import argparse
 import os
@@ -30,6 +34,8 @@ import warnings
 from ldm.util import HelpFormatter, add_sampling_args
 
 RANDOM_WEIGHTS = "none"
+# Their scripts/txt2img_generator.py defaults (seed, n_iter), noise, uc file and output files: docs/fidelity.md rows 52-58.
+AUTHORS = dict(seed=8888, n_iter=2, noise_device="device", uc_path="models/authors/uc.pt", jpeg=True, tf32=True)
 
 
 def default_device():
@@ -69,9 +75,21 @@ def get_parser():
                         "device (the sampling device, as the authors' sampler: their images on a GPU)")
     p.add_argument("--jpeg", action="store_true",
                    help="write the authors' files: JPEG at quality 75, <name>_<seed>.jpg and the grid as <name>.jpg")
+    p.add_argument("--tf32", action="store_true",
+                   help="TF32 CUDA matmuls and convolutions for this process, as the authors' torch 1.10 on Ampere GPUs")
+    p.add_argument("--authors", action="store_true",
+                   help="the authors' sampler at once: --seed 8888 --n_iter 2 --noise_device device --uc_path "
+                        "models/authors/uc.pt --jpeg --tf32 (explicit flags still win)")
     p.add_argument("--device", default=default_device(), help="torch device: cuda if available, else cpu")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def parse_args(argv=None):
+    parser = get_parser()
+    if parser.parse_known_args(argv)[0].authors:  # as defaults, so that explicit flags override them
+        parser.set_defaults(**AUTHORS)
+    return parser.parse_args(argv)
 
 
 def read_prompts(opt):
@@ -118,7 +136,11 @@ def run(opt):
         print("Warning: --ckpt_path none: random weights, the images are noise (smoke test)")
     # load_model checks the checkpoint path, the adapters and the strengths before it builds anything.
     if opt.uc_path is not None and not os.path.isfile(opt.uc_path):
-        raise ValueError(f"--uc_path {opt.uc_path} not found; pass a saved unconditional embedding such as models/uc.pt")
+        raise ValueError(f"--uc_path {opt.uc_path} not found; pass a saved unconditional embedding such as models/authors/uc.pt (run from the repository root)")
+    if opt.tf32:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = sampling.load_model(config, ckpt_path, device, opt.embedding_path, opt.strength)
     uc = sampling.read_uc(opt.uc_path, model) if opt.uc_path else None
     results = sampling.generate(model, prompts, opt.outdir, ddim_steps=opt.ddim_steps, plms=opt.plms,
@@ -138,7 +160,7 @@ def _print_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv=None):
     from ldm.util import one_line_errors
 
-    opt = get_parser().parse_args(argv)
+    opt = parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         with one_line_errors(opt.debug):

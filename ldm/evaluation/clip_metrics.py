@@ -41,6 +41,10 @@ from tqdm import tqdm
 from ldm.images import list_images, load_grey, load_rgb
 from ldm.weights import read_tensors
 
+MASK_RULES = {
+    "masks": "masks: outside the mask CLIP's mean grey, cropped to the mask's box, padded square (ours)",
+    "rm_mask": "rm_mask: background-removed copies from <dir>/rm_mask/ scored as stored (the authors' layout)",
+}
 load_image = load_rgb  # the name scripts/ablation.py reads images by; scripts/evaluate.py uses ldm.images directly
 # CLIP's mean colour as 8-bit RGB, (123, 117, 104): CLIP's normalisation maps it to about zero.
 FILL = tuple(round(channel * 255) for channel in OPENAI_DATASET_MEAN)
@@ -182,17 +186,24 @@ def compute_metrics(
     ref_masks: Optional[Mapping[str, np.ndarray]] = None,
     gen_masks: Optional[Mapping[str, np.ndarray]] = None,
     batch_size: int = 16,
+    ref_removed: Optional[Mapping[str, Image.Image]] = None,
+    gen_removed: Optional[Mapping[str, Image.Image]] = None,
 ) -> dict:
     """All scores for images keyed by stem; masks (both or neither) are {stem: boolean array}.
 
-    Returns {"clip_i", "clip_t", "geometric_mean", ["masked_clip_i"], "per_image"}, where
+    Masked CLIP-I comes from the masks (our rule) or, instead, from `ref_removed`/`gen_removed`: background-removed
+    copies scored as they are (the authors' `rm_mask/` layout); "masked_clip_i_rule" names the rule that produced it.
+
+    Returns {"clip_i", "clip_t", "geometric_mean", ["masked_clip_i", "masked_clip_i_rule"], "per_image"}, where
     "per_image" is a list of {"image": stem, "clip_i": mean over references, "clip_t",
     ["masked_clip_i"]} in the order of `gen_images`.
     """
     if not ref_images or not gen_images:
         raise ValueError("need at least one reference and one generated image")
-    if (ref_masks is None) != (gen_masks is None):
+    if (ref_masks is None) != (gen_masks is None) or (ref_removed is None) != (gen_removed is None):
         raise ValueError("masks given for only one side; pass both reference and generated masks, or neither")
+    if ref_masks is not None and ref_removed is not None:
+        raise ValueError("two masked CLIP-I rules at once; pass masks or background-removed copies, not both")
     text_feat = encode_text(clip, prompt)
     ref_feats = encode_images(clip, list(ref_images.values()), batch_size, "encoding reference images")
     gen_feats = encode_images(clip, list(gen_images.values()), batch_size, "encoding generated images")
@@ -206,24 +217,30 @@ def compute_metrics(
         for stem, ci, ct in zip(gen_images, clip_i_rows, clip_t_rows)
     ]
     if ref_masks is not None:
-        masked_ref = _masked_features(clip, ref_images, ref_masks, batch_size, "reference")
-        masked_gen = _masked_features(clip, gen_images, gen_masks, batch_size, "generated")
+        ref_removed = _masked_views(ref_images, ref_masks, "reference")
+        gen_removed = _masked_views(gen_images, gen_masks, "generated")
+    if ref_removed is not None:
+        masked_ref = encode_images(clip, list(ref_removed.values()), batch_size, "encoding masked reference images")
+        masked_gen = encode_images(clip, list(gen_removed.values()), batch_size, "encoding masked generated images")
         masked_rows = (masked_gen @ masked_ref.T).mean(dim=1)
         result["masked_clip_i"] = masked_rows.mean().item()
-        for row, value in zip(per_image, masked_rows):
-            row["masked_clip_i"] = value.item()
+        result["masked_clip_i_rule"] = MASK_RULES["masks" if ref_masks is not None else "rm_mask"]
+        by_stem = dict(zip(gen_removed, masked_rows.tolist()))
+        for row in per_image:
+            if row["image"] in by_stem:  # the rm_mask/ copies need not share the generated images' stems
+                row["masked_clip_i"] = by_stem[row["image"]]
     result["per_image"] = per_image
     return result
 
 
-def _masked_features(clip, images, masks, batch_size, side):
+def _masked_views(images, masks, side):
     missing = [stem for stem in images if stem not in masks]
     if missing:
         raise ValueError(f"no mask for {side} image '{missing[0]}'; give every image a mask")
-    views = []
+    views = {}
     for stem, image in images.items():
         try:
-            views.append(masked_view(image, masks[stem]))
+            views[stem] = masked_view(image, masks[stem])
         except ValueError as err:
             raise ValueError(f"{side} image '{stem}': {err}") from None
-    return encode_images(clip, views, batch_size, f"encoding masked {side} images")
+    return views

@@ -26,6 +26,9 @@ FAST_DEFAULTS = {
     "gradient_checkpointing": "auto",  # true | false | "auto": recompute UNet activations in backward (memory for time)
     "channels_last": "auto",  # true | false | "auto": NHWC UNet convolutions
     "compile": False,  # torch.compile the UNet: minutes of compilation, then faster steps
+    # true: TF32 CUDA matmuls and cuDNN convolutions (the authors' torch 1.10 default), set for the whole process and
+    # not restored; false leaves torch's own flags alone
+    "tf32": False,
 }
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -214,7 +217,7 @@ class LatentDiffusion(pl.LightningModule):
         for name in ("gradient_checkpointing", "channels_last"):
             if options[name] not in (True, False, "auto"):
                 raise ValueError(f"fast.{name} must be true, false or auto, got {options[name]!r}")
-        for name in ("cache_latents", "cache_text", "compile"):
+        for name in ("cache_latents", "cache_text", "compile", "tf32"):
             if not isinstance(options[name], bool):
                 raise ValueError(f"fast.{name} must be true or false, got {options[name]!r}")
         return options
@@ -242,6 +245,8 @@ class LatentDiffusion(pl.LightningModule):
         self._channels_last = self._fast_on("channels_last")
         self.model.to(memory_format=torch.channels_last if self._channels_last else torch.contiguous_format)
         self._hold_unet_weights(torch.bfloat16 if self.fast_precision() == "bf16" else torch.float32)
+        if self.fast["tf32"]:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.fast["compile"] and self._compiled_unet is None:
             # Kept outside the module tree, so state-dict keys stay free of torch.compile's `_orig_mod.`.
             object.__setattr__(self, "_compiled_unet", torch.compile(self.model))
