@@ -7,8 +7,6 @@ ldm/evaluation/clip_metrics.py; this file only parses arguments and writes the r
 """
 
 import argparse
-import csv
-import io
 import json
 import math
 import os
@@ -18,7 +16,8 @@ from pathlib import Path
 
 from ldm.evaluation import clip_metrics
 from ldm.images import list_images, load_rgb
-from ldm.util import HelpFormatter, atomic_write, one_line_errors
+from ldm.report import bar_chart, csv_text, write_files
+from ldm.util import HelpFormatter, one_line_errors
 
 MASK_RULE = (
     "Masked CLIP-I: on both sides, pixels outside the mask become the CLIP mean grey RGB "
@@ -139,41 +138,13 @@ def format_table(report):
 
 def write_outputs(out, report):
     """JSON at `out`, per-image CSV and bar-chart PNG beside it; all rendered before any is written."""
-    rows = io.StringIO()
-    fields = ["image"] + [key for key in metric_keys(report) if key != "geometric_mean"]
-    writer = csv.DictWriter(rows, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(report["per_image"])
-    payloads = {
-        out: (json.dumps(report, indent=2) + "\n").encode(),
-        out.with_suffix(".csv"): rows.getvalue().encode(),
-        out.with_suffix(".png"): bar_chart(report),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for path, data in payloads.items():
-        atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
-
-
-def bar_chart(report):
-    """PNG bytes of a bar chart of the mean scores."""
-    # Figure + Agg canvas directly: no pyplot, so no global backend or figure state.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     keys = metric_keys(report)
     values = [report[key] for key in keys]
-    figure = Figure(figsize=(1.6 * len(keys) + 1, 3.5), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    bars = axes.bar([LABELS[key] for key in keys], values, color="tab:blue")
-    axes.bar_label(bars, fmt="%.3f")
-    axes.set_ylim(min(0.0, *values), 1.05)
-    axes.set_ylabel("cosine similarity")
-    axes.set_title(f"{report['clip_model']}, {report['num_gen']} generated vs {report['num_ref']} reference images")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    chart = bar_chart([LABELS[key] for key in keys], {"mean": values}, ylim=(min(0.0, *values), 1.05),
+                      ylabel="cosine similarity",
+                      title=f"{report['clip_model']}, {report['num_gen']} generated vs {report['num_ref']} reference images")
+    write_files({out: json.dumps(report, indent=2) + "\n", out.with_suffix(".png"): chart,
+                 out.with_suffix(".csv"): csv_text(report["per_image"], ["image"] + [k for k in keys if k != "geometric_mean"])})
 
 
 def main(argv=None):

@@ -38,14 +38,13 @@ from open_clip.constants import OPENAI_DATASET_MEAN
 from PIL import Image
 from tqdm import tqdm
 
-from ldm.images import list_images, load_grey, load_rgb
+from ldm.images import list_images, load_grey
 from ldm.weights import read_tensors
 
 MASK_RULES = {
     "masks": "masks: outside the mask CLIP's mean grey, cropped to the mask's box, padded square (ours)",
     "rm_mask": "rm_mask: background-removed copies from <dir>/rm_mask/ scored as stored (the authors' layout)",
 }
-load_image = load_rgb  # the name scripts/ablation.py reads images by; scripts/evaluate.py uses ldm.images directly
 # CLIP's mean colour as 8-bit RGB, (123, 117, 104): CLIP's normalisation maps it to about zero.
 FILL = tuple(round(channel * 255) for channel in OPENAI_DATASET_MEAN)
 
