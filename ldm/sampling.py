@@ -19,6 +19,7 @@ import math
 import os
 import re
 import warnings
+from dataclasses import dataclass, fields
 
 import torch
 from omegaconf import OmegaConf
@@ -69,29 +70,57 @@ def prompt_names(prompts):
 
 
 # --- checks that run before anything is loaded or written --------------------------------------------------------
-def check_sampling_args(H=512, W=512, scale=10.0, n_samples=1, n_iter=1, ddim_steps=50, ddim_eta=0.0, plms=False,
-                        seed=42, num_timesteps=1000):
-    """One ValueError naming the first bad argument (and its command-line flag) and the fix."""
-    for flag, value in (("--H", H), ("--W", W)):
-        if value < LATENT_FACTOR or value % LATENT_FACTOR:
-            near = max(LATENT_FACTOR, value // LATENT_FACTOR * LATENT_FACTOR)
-            raise ValueError(f"{flag} {value} must be a positive multiple of {LATENT_FACTOR} (the VAE works on "
-                             f"{LATENT_FACTOR}x{LATENT_FACTOR} pixel blocks); try {near}")
-    if not scale >= 0 or math.isinf(scale):
-        raise ValueError(f"--scale {scale} must be a finite number >= 0 (1 = no guidance, the reference uses 10)")
-    for flag, value in (("--n_samples", n_samples), ("--n_iter", n_iter), ("--ddim_steps", ddim_steps)):
-        if value < 1:
-            raise ValueError(f"{flag} {value} must be at least 1")
-    if not ddim_eta >= 0 or math.isinf(ddim_eta):
-        raise ValueError(f"--ddim_eta {ddim_eta} must be a finite number >= 0 (0 = deterministic DDIM)")
-    if plms and ddim_eta != 0:
-        raise ValueError(f"--plms is deterministic and takes no --ddim_eta (got {ddim_eta}); drop --ddim_eta or --plms")
-    if seed < 0:
-        raise ValueError(f"--seed {seed} must be >= 0")
-    try:
-        ddim_timesteps(ddim_steps, num_timesteps)
-    except ValueError as e:
-        raise ValueError(f"--ddim_steps {ddim_steps}: {e}") from None
+@dataclass(frozen=True)
+class SamplingOptions:
+    """What the sampler is asked to do, named as the reference's txt2img flags: one object from the command line to
+    the sampler. Iteration i of a prompt uses seed `seed + i`; `noise_device` is where x_T is drawn (see
+    `sample_images`)."""
+
+    H: int = 512
+    W: int = 512
+    ddim_steps: int = 50
+    scale: float = 10.0
+    ddim_eta: float = 0.0
+    plms: bool = False
+    n_samples: int = 1
+    n_iter: int = 1
+    seed: int = 42
+    noise_device: str = "cpu"
+
+    @classmethod
+    def from_args(cls, args):
+        """The options an argparse namespace holds (flags it lacks keep their defaults)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+    def check(self, num_timesteps=1000):
+        """One ValueError naming the first bad option (and its command-line flag) and the fix; run it before anything
+        is loaded or written."""
+        for flag, value in (("--H", self.H), ("--W", self.W)):
+            if value < LATENT_FACTOR or value % LATENT_FACTOR:
+                near = max(LATENT_FACTOR, value // LATENT_FACTOR * LATENT_FACTOR)
+                raise ValueError(f"{flag} {value} must be a positive multiple of {LATENT_FACTOR} (the VAE works on "
+                                 f"{LATENT_FACTOR}x{LATENT_FACTOR} pixel blocks); try {near}")
+        if not self.scale >= 0 or math.isinf(self.scale):
+            raise ValueError(f"--scale {self.scale} must be a finite number >= 0 (1 = no guidance, the reference uses 10)")
+        for flag, value in (("--n_samples", self.n_samples), ("--n_iter", self.n_iter), ("--ddim_steps", self.ddim_steps)):
+            if value < 1:
+                raise ValueError(f"{flag} {value} must be at least 1")
+        if not self.ddim_eta >= 0 or math.isinf(self.ddim_eta):
+            raise ValueError(f"--ddim_eta {self.ddim_eta} must be a finite number >= 0 (0 = deterministic DDIM)")
+        if self.plms and self.ddim_eta != 0:
+            raise ValueError(f"--plms is deterministic and takes no --ddim_eta (got {self.ddim_eta}); drop --ddim_eta or --plms")
+        if self.seed < 0:
+            raise ValueError(f"--seed {self.seed} must be >= 0")
+        try:
+            ddim_timesteps(self.ddim_steps, num_timesteps)
+        except ValueError as e:
+            raise ValueError(f"--ddim_steps {self.ddim_steps}: {e}") from None
+        return self
+
+    def sample(self, model, cond, uc, seed, progress=True):
+        """`sample_images` with these options, from `seed`."""
+        return sample_images(model, cond, uc, seed, self.H, self.W, self.ddim_steps, self.scale, self.ddim_eta,
+                             self.plms, progress, self.noise_device)
 
 
 def check_output_dir(path, flag="--outdir"):
@@ -311,13 +340,11 @@ def _shapes(obj):
     return type(obj).__name__
 
 
-def generate(model, prompts, outdir="outputs/txt2img-samples", ddim_steps=50, plms=False, ddim_eta=0.0, n_iter=1,
-             n_samples=1, H=512, W=512, scale=10.0, seed=42, uc=None, uc_dir=UC_DIR, progress=True, noise="cpu",
-             jpeg=False):
+def generate(model, prompts, outdir="outputs/txt2img-samples", options=SamplingOptions(), uc=None, uc_dir=UC_DIR,
+             progress=True, jpeg=False):
     """Sample every prompt and write `<outdir>/<name>/<name>_<seed>.png` and `<outdir>/<name>/grid.png`.
 
     With `jpeg`, the authors' files instead: `<name>_<seed>.jpg` at quality 75 and the grid as `<name>/<name>.jpg`.
-    `noise`: where x_T is drawn (see `sample_images`).
     `<name>` is `prompt_to_name(prompt)`; with `n_samples > 1` the k-th image of a batch is `<name>_<seed>_<k>.png`.
     Iteration i uses seed `seed + i`; the grid has one row per iteration, `n_samples` images per row. A prompt given
     twice is sampled once.
@@ -325,24 +352,24 @@ def generate(model, prompts, outdir="outputs/txt2img-samples", ddim_steps=50, pl
     Returns `{prompt: {"folder": ..., "images": [paths], "grid": path}}`.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    check_sampling_args(H, W, scale, n_samples, n_iter, ddim_steps, ddim_eta, plms, seed, len(model.alphas_cumprod))
+    options.check(len(model.alphas_cumprod))
     check_output_dir(outdir)
     names = prompt_names(prompts)
-    if uc is None and scale != 1.0:
+    if uc is None and options.scale != 1.0:
         uc = unconditional_embedding(model, uc_dir)
     results = {}
     for prompt, name in names.items():
-        cond = model.get_learned_conditioning(n_samples * [prompt])
+        cond = model.get_learned_conditioning(options.n_samples * [prompt])
         folder = os.path.join(outdir, name)
         os.makedirs(folder, exist_ok=True)
         paths, rows = [], []
-        for i in range(n_iter):
-            images = sample_images(model, cond, uc, seed + i, H, W, ddim_steps, scale, ddim_eta, plms, progress, noise)
+        for seed in range(options.seed, options.seed + options.n_iter):
+            images = options.sample(model, cond, uc, seed, progress)
             for k, image in enumerate(images):
-                stem = f"{name}_{seed + i}" if n_samples == 1 else f"{name}_{seed + i}_{k}"
+                stem = f"{name}_{seed}" if options.n_samples == 1 else f"{name}_{seed}_{k}"
                 paths.append(save_image(to_uint8(image), os.path.join(folder, stem + (".jpg" if jpeg else ".png")), jpeg))
             rows.append(images)
-        grid = make_grid(torch.cat(rows), nrow=n_samples)
+        grid = make_grid(torch.cat(rows), nrow=options.n_samples)
         grid_path = os.path.join(folder, f"{name}.jpg" if jpeg else "grid.png")
         results[prompt] = {"folder": folder, "images": paths, "grid": save_image(to_uint8(grid), grid_path, jpeg)}
     return results

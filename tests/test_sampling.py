@@ -1,5 +1,6 @@
 """ldm/sampling.py: names, checks, the cached unconditional embedding, and generate() as the demo calls it."""
 import os
+from dataclasses import replace
 import warnings
 
 import numpy as np
@@ -104,7 +105,8 @@ def test_uncacheable_models_and_unwritable_caches_still_work(tiny_model, tmp_pat
 
 
 def test_generate_as_the_demo_calls_it(tiny_model, tmp_path):
-    kwargs = dict(H=64, W=64, ddim_steps=2, seed=11, n_iter=2, progress=False, uc_dir=str(tmp_path / "uc"))
+    options = sampling.SamplingOptions(H=64, W=64, ddim_steps=2, seed=11, n_iter=2)
+    kwargs = dict(options=options, progress=False, uc_dir=str(tmp_path / "uc"))
     results = sampling.generate(tiny_model, "circle on a red background", tmp_path / "out", **kwargs)
     folder = str(tmp_path / "out" / "circle-on-a-red-background")
     assert results == {"circle on a red background": {
@@ -115,10 +117,11 @@ def test_generate_as_the_demo_calls_it(tiny_model, tmp_path):
                                 uc=torch.zeros(1, 77, 64), **kwargs)
     first = np.asarray(Image.open(results["circle on a red background"]["images"][0]))
     assert not np.array_equal(first, np.asarray(Image.open(planted["circle on a red background"]["images"][0])))
-    sampling.generate(tiny_model, ["x"], tmp_path / "nouc", scale=1.0, **{**kwargs, "uc_dir": str(tmp_path / "uc1")})
+    sampling.generate(tiny_model, ["x"], tmp_path / "nouc", **{**kwargs, "uc_dir": str(tmp_path / "uc1"),
+                                                                 "options": replace(options, scale=1.0)})
     assert not (tmp_path / "uc1").exists()
     with pytest.raises(ValueError, match="--H 60 must be a positive multiple of 8"):
-        sampling.generate(tiny_model, ["y"], tmp_path / "bad", **{**kwargs, "H": 60})
+        sampling.generate(tiny_model, ["y"], tmp_path / "bad", **{**kwargs, "options": replace(options, H=60)})
     assert not (tmp_path / "bad").exists()
 
 

@@ -85,7 +85,7 @@ def run(opt):
     from ldm.report import save_sheet
 
     device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sampling.check_sampling_args(opt.H, opt.W, opt.scale, 1, opt.n_iter, opt.ddim_steps, seed=opt.seed)
+    options = sampling.SamplingOptions.from_args(opt).check()
     latent = (opt.H // sampling.LATENT_FACTOR, opt.W // sampling.LATENT_FACTOR)
     if opt.attn_downsample is not None:
         am.attention_grid(*latent, opt.attn_downsample)  # a factor that cannot fit fails before the model loads
@@ -118,7 +118,7 @@ def run(opt):
     for i in range(opt.n_iter):
         stem = f"{name}_{opt.seed + i}"
         with am.CrossAttentionRecorder(model.model.diffusion_model, h * w, batch=1) as recorder:
-            image = sampling.sample_images(model, cond, uc, opt.seed + i, opt.H, opt.W, opt.ddim_steps, opt.scale)[0]
+            image = options.sample(model, cond, uc, opt.seed + i)[0]
         maps = am.token_maps(recorder.mean(), h, w)[0]  # (77, h, w)
         pixels = sampling.to_uint8(image)
         os.makedirs(os.path.join(opt.outdir, "samples"), exist_ok=True)

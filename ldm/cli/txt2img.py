@@ -128,8 +128,7 @@ def run(opt):
     if not os.path.isfile(opt.config):
         raise ValueError(f"config not found: {opt.config}; pass --config configs/stable-diffusion/v1-inference.yaml")
     config = OmegaConf.load(opt.config)
-    sampling.check_sampling_args(opt.H, opt.W, opt.scale, opt.n_samples, opt.n_iter, opt.ddim_steps, opt.ddim_eta,
-                                 opt.plms, opt.seed, OmegaConf.select(config, "model.params.timesteps", default=1000))
+    options = sampling.SamplingOptions.from_args(opt).check(OmegaConf.select(config, "model.params.timesteps", default=1000))
     sampling.check_output_dir(opt.outdir)
     sampling.prompt_names(prompts)
     if ckpt_path is None:
@@ -143,10 +142,7 @@ def run(opt):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = sampling.load_model(config, ckpt_path, device, opt.embedding_path, opt.strength)
     uc = sampling.read_uc(opt.uc_path, model) if opt.uc_path else None
-    results = sampling.generate(model, prompts, opt.outdir, ddim_steps=opt.ddim_steps, plms=opt.plms,
-                                ddim_eta=opt.ddim_eta, n_iter=opt.n_iter, n_samples=opt.n_samples, H=opt.H, W=opt.W,
-                                scale=opt.scale, seed=opt.seed, uc=uc, uc_dir=opt.uc_dir, noise=opt.noise_device,
-                                jpeg=opt.jpeg)
+    results = sampling.generate(model, prompts, opt.outdir, options, uc=uc, uc_dir=opt.uc_dir, jpeg=opt.jpeg)
     for result in results.values():
         print(f"Your samples are ready and waiting for you here: {result['folder']}")
     return results
