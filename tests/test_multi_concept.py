@@ -123,7 +123,8 @@ def _argv(ckpt, logdir, roots, words, *extra):
             "data.params.train.params.repeats=1", *extra]
 
 
-@pytest.mark.parametrize("case", ["lengths", "same folder", "same name", "no images", "textual inversion"])
+@pytest.mark.parametrize("case", ["lengths", "same folder", "same name", "no images", "textual inversion",
+                                  "textual inversion, one word"])
 def test_bad_concept_lists_fail_in_one_line_before_the_model_is_built(case, tiny_ckpt, example_data, tmp_path, capsys,
                                                                         monkeypatch):
     from ldm.models.diffusion.ddpm import LatentDiffusion
@@ -145,6 +146,8 @@ def test_bad_concept_lists_fail_in_one_line_before_the_model_is_built(case, tiny
         roots = [example_data, str(tmp_path / "empty")]
     elif case == "textual inversion":
         extra = ["--base", "configs/tiny/v1-finetune-textual-inversion.yaml"]
+    elif case == "textual inversion, one word":
+        words, extra = ["circle"], ["--base", "configs/tiny/v1-finetune-textual-inversion.yaml"]
     with pytest.raises(SystemExit) as e:
         main.main(_argv(tiny_ckpt, tmp_path / "logs", roots, words, *extra))
     assert e.value.code != 0
@@ -157,6 +160,8 @@ def test_bad_concept_lists_fail_in_one_line_before_the_model_is_built(case, tiny
                      "concept's checkpoints/example/; rename one",
         "no images": f"error: no images (.jpg, .jpeg, .png, .webp) in {roots[1]}; put the images there",
         "textual inversion": "error: Textual Inversion trains one concept per run; give one --init_word (and one --data_root)",
+        "textual inversion, one word": "error: Textual Inversion trains one concept per run; give one --data_root (and one "
+                                       "--init_word)",
     }[case]
     assert err == expected
     assert not os.path.exists(tmp_path / "logs")
@@ -210,3 +215,27 @@ def test_two_concept_run_through_main_py(tiny_ckpt, example_data, tmp_path):
     logdir_resumed, model = main.run(*main.get_parser().parse_known_args(["-t", "--resume", logdir, "lightning.trainer.max_steps=3"]))
     assert logdir_resumed == logdir and model.concept_names == ["example", "square"]
     assert torch.load(os.path.join(ck, "last.ckpt"), weights_only=False)["global_step"] == 3
+
+
+def test_concepts_benchmark_projects_and_compares(tmp_path, monkeypatch, capsys):
+    """Concepts per hour from each run's fixed cost and step time, against the one-concept run repeated N times;
+    bad counts are refused in one line."""
+    import json
+
+    from ldm.cli import concepts_benchmark
+
+    def fake_run(opt, n, workdir):  # fixed 20 s, then 0.1 s + 0.05 s per extra concept per step
+        step = 0.1 + 0.05 * (n - 1)
+        return {"concepts": n, "step_s": step, "fixed_s": 20.0, "projected_s": 20.0 + opt.train_steps * step, "peak_mb": 1.0}
+
+    monkeypatch.setattr(concepts_benchmark, "measure_run", fake_run)
+    out = str(tmp_path / "bench")
+    concepts_benchmark.main(["--config", TINY_FINETUNE, "--ckpt", TINY_FINETUNE, "--counts", "1", "4", "--out", out])
+    rows = json.load(open(out + ".json"))["rows"]
+    assert rows[1]["concepts_per_hour"] == pytest.approx(3600 * 4 / (20 + 1000 * 0.25))
+    assert rows[1]["sequential_concepts_per_hour"] == pytest.approx(3600 / 120)
+    assert rows[1]["speedup"] == pytest.approx(4 * 120 / 270)
+    assert Image.open(out + ".png").size == (640, 380)
+    with pytest.raises(SystemExit):
+        concepts_benchmark.main(["--counts", "2", "4", "--out", out])
+    assert capsys.readouterr().err.strip().endswith("--counts [2, 4] must start with 1 (the sequential runs' yardstick) and be >= 1")

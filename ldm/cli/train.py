@@ -180,8 +180,8 @@ def load_config(opt, unknown):
     train = config.data.params.train.params
     if opt.data_root is not None:  # one concept: the plain value, as before
         train.data_root = opt.data_root[0] if len(opt.data_root) == 1 else opt.data_root
+    personalization = config.model.params.get("personalization_config")
     if opt.init_word is not None:
-        personalization = config.model.params.get("personalization_config")
         if personalization is not None:  # Textual Inversion: the word only starts the vector; captions keep the placeholder
             if len(opt.init_word) > 1:
                 raise ValueError("Textual Inversion trains one concept per run; give one --init_word (and one --data_root)")
@@ -191,6 +191,8 @@ def load_config(opt, unknown):
     if OmegaConf.is_list(train.get("data_root")) and len(train.data_root) > 1:  # several concepts in one run
         from ldm.data.personalized import concept_names
 
+        if personalization is not None:
+            raise ValueError("Textual Inversion trains one concept per run; give one --data_root (and one --init_word)")
         config.model.params.concepts = concept_names(train.data_root, train.get("base_class_word"))
     return config
 
