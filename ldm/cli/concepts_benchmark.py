@@ -125,7 +125,7 @@ def run(opt):
         r["speedup"] = r["concepts"] * one / r["projected_s"]
     result = {"config": opt.config, "ckpt": opt.ckpt, "steps_measured": opt.steps, "train_steps": opt.train_steps,
               "gpus": opt.gpus, "rows": rows}
-    title = f"{os.path.basename(opt.config)}: concepts per hour, {opt.train_steps}-step runs"
+    title = f"{opt.config}: concepts per hour, {opt.train_steps}-step runs"
     for ext, data in ((".json", json.dumps(result, indent=2).encode()), (".png", plot(rows, title))):
         atomic_write(opt.out + ext, lambda path: _write_bytes(path, data))
     for r in rows:
