@@ -13,6 +13,7 @@ from PIL import Image
 
 import main
 from ldm.callbacks import TrainingGuard
+from ldm.cli.train import take_back_overrides
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.data.personalized import Concepts, PersonalizedBase
 from ldm.util import load_model_from_config
@@ -71,6 +72,13 @@ def test_two_concept_step_is_each_concepts_own_step(tiny_ckpt):
             assert torch.equal(opts[0].state[stacked.control_trans]["exp_avg_sq"].view(2, -1)[k],
                                opts[k + 1].state[single.trainable_parameters()[0]]["exp_avg_sq"])
     assert opts[0].defaults["weight_decay"] > 0
+    # Without the text cache each row is conditioned through its own concept alike.
+    with torch.no_grad():
+        cached = multi.get_training_conditioning(captions, concepts)
+        multi.fast["cache_text"] = False
+        assert torch.allclose(multi.get_training_conditioning(captions, concepts), cached, rtol=0, atol=1e-6)
+        same_caption = multi.get_training_conditioning(["circle", "circle"], [0, 1])
+        assert (same_caption[0] - same_caption[1]).abs().max() > 1e-3
 
 
 def _folder(root, name, n, seed):
@@ -239,3 +247,11 @@ def test_concepts_benchmark_projects_and_compares(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit):
         concepts_benchmark.main(["--counts", "2", "4", "--out", out])
     assert capsys.readouterr().err.strip().endswith("--counts [2, 4] must start with 1 (the sequential runs' yardstick) and be >= 1")
+
+
+def test_overrides_after_the_concept_lists_stay_overrides():
+    opt, unknown = main.get_parser().parse_known_args(
+        ["--data_root", "a", "b", "--init_word", "x", "y", "lightning.trainer.max_steps=2", "data.params.batch_size=1"])
+    assert opt.init_word == ["x", "y", "lightning.trainer.max_steps=2", "data.params.batch_size=1"]  # argparse's nargs="+"
+    assert take_back_overrides(opt, unknown) == ["lightning.trainer.max_steps=2", "data.params.batch_size=1"]
+    assert (opt.data_root, opt.init_word) == (["a", "b"], ["x", "y"])
