@@ -1,6 +1,7 @@
 """Lightning callbacks of a training run: adapter snapshots, sample sheets, the progress bar and the model summary."""
 import csv
 import logging
+import math
 import os
 import sys
 import warnings
@@ -84,8 +85,8 @@ class ImageLogger(pl.Callback):
         self.every, self.max_images, self.ddim_steps = batch_frequency, max_images, ddim_steps
 
     def log_samples(self, trainer, pl_module, batch):
-        captions = list(batch[pl_module.cond_stage_key])[: self.max_images]
-        images = pl_module.log_images(captions, ddim_steps=self.ddim_steps)
+        captions, concepts = pl_module.sample_prompts(batch, self.max_images)  # every concept of a many-concept run
+        images = pl_module.log_images(captions, ddim_steps=self.ddim_steps, concepts=concepts)
         folder = os.path.join(trainer.default_root_dir, "images", "train")
         for key, value in images.items():
             label = f"{self.ROW_LABELS.get(key, key)}, step {trainer.global_step}"
@@ -218,7 +219,9 @@ class TrainingGuard(pl.Callback):
 
     def on_before_backward(self, trainer, pl_module, loss):
         params = pl_module.trainable_parameters()
-        loss = loss.detach()
+        # Several concepts: each one's loss, so that a non-finite one is named.
+        self._names, losses = getattr(pl_module, "concept_names", []), getattr(pl_module, "concept_losses", None)
+        loss = (loss if losses is None or len(self._names) < 2 else losses).detach()
         finite = torch.isfinite(loss).all()
         event = None
         if finite.is_cuda:
@@ -260,6 +263,9 @@ class TrainingGuard(pl.Callback):
             with torch.no_grad():
                 for p, good in zip(params, self.last_good):
                     p.copy_(good)
+        if loss.numel() > 1:
+            bad = ", ".join(f"{n} ({v})" for n, v in zip(self._names, loss.tolist()) if not math.isfinite(v))
+            raise FloatingPointError(f"the loss of concept {bad} is not finite at step {step}")
         raise FloatingPointError(f"the loss is {loss.item()} at step {step}")
 
     def on_exception(self, trainer, pl_module, exception):

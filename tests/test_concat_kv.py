@@ -3,6 +3,7 @@ import json
 import math
 import os
 import pathlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -138,6 +139,25 @@ def test_stacked_adapters_concatenate(emb, tmp_path):
     with torch.no_grad():
         ref = expected(emb, [(emb.adapters[0], 1.0), (second, math.log(0.5))])
         assert (emb(PROMPTS) - ref).abs().max() < 1e-5
+
+
+def test_each_row_through_its_own_concept(tmp_path):
+    """An adapter of 3 concepts: row r's conditioning is the formula's with concept concepts[r]'s numbers (as a
+    one-concept adapter reads them), and concept k saves as a one-concept adapter of those numbers."""
+    torch.manual_seed(0)
+    emb = FrozenCLIPEmbedder(text_config=TINY_TEXT, concat_kv={"concepts": 3, "layers": [0, 4, 11], "num_tokens": 2})
+    a = emb.adapters[0]
+    concepts = [2, 0, 2]
+    with torch.no_grad():
+        ours = emb(PROMPTS, concepts)
+        for row, k in enumerate(concepts):
+            one = SimpleNamespace(control_trans=a.control_trans.view(3, -1)[k], num_tokens=2, layers=a.layers)
+            assert (ours[row] - expected(emb, [(one, 1.0)])[row]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="this adapter holds 3 concepts; pass each batch row's concept index"):
+        emb(PROMPTS)
+    emb.adapter_save(tmp_path, concept=1)
+    loaded = FrozenCLIPEmbedder(text_config=TINY_TEXT).adapter_load(tmp_path)
+    assert loaded.concepts == 1 and torch.equal(loaded.control_trans, a.control_trans.view(3, -1)[1])
 
 
 def test_gradients_reach_only_the_adapter(emb):

@@ -48,8 +48,11 @@ def get_parser():
     p.add_argument("-n", "--name", default="", help="postfix of the run folder name")
     p.add_argument("-r", "--resume", default="", help="resume from a run folder or a checkpoint inside it")
     p.add_argument("--actual_resume", default=None, help="the base model: an SD v1.x .ckpt, .safetensors or diffusers folder")
-    p.add_argument("--data_root", default=None, help="folder with the concept's photos")
-    p.add_argument("--init_word", default=None, help="the concept's base class word, e.g. teddybear (the training caption)")
+    p.add_argument("--data_root", nargs="+", default=None,
+                   help="folder with the concept's photos; several folders train several concepts in one run, each "
+                        "saved in checkpoints/<folder name>/")
+    p.add_argument("--init_word", nargs="+", default=None,
+                   help="the concept's base class word, e.g. teddybear (the training caption); one per --data_root folder")
     p.add_argument("-l", "--logdir", default="logs", help="where run folders are made")
     p.add_argument("-s", "--seed", type=int, default=23, help="seed for everything")
     p.add_argument("--gpus", default=None, help="GPU ids as Lightning takes them, e.g. `0,`; CPU when omitted")
@@ -153,6 +156,16 @@ def check_overrides(config, dotlist):
             node = node[part]
 
 
+def take_back_overrides(opt, unknown):
+    """`--init_word a b key=value`: nargs="+" swallows the `key=value` overrides after the last word or folder; give
+    them back (so a folder or word given there cannot contain `=`)."""
+    for name in ("data_root", "init_word"):
+        values = getattr(opt, name) or []
+        unknown = [v for v in values if "=" in v] + list(unknown)
+        setattr(opt, name, [v for v in values if "=" not in v] or None)
+    return unknown
+
+
 def load_config(opt, unknown):
     """The merged config files and `key=value` overrides, checked: every key is one that something reads."""
     config = OmegaConf.merge(*[read_config_file(c) for c in opt.base])
@@ -165,14 +178,22 @@ def load_config(opt, unknown):
     check_targets(config)
     check_trainer_keys(config.get("lightning", {}).get("trainer", {}))
     train = config.data.params.train.params
-    if opt.data_root is not None:
-        train.data_root = opt.data_root
+    if opt.data_root is not None:  # one concept: the plain value, as before
+        train.data_root = opt.data_root[0] if len(opt.data_root) == 1 else opt.data_root
+    personalization = config.model.params.get("personalization_config")
     if opt.init_word is not None:
-        personalization = config.model.params.get("personalization_config")
         if personalization is not None:  # Textual Inversion: the word only starts the vector; captions keep the placeholder
-            personalization.params.initializer_words = [opt.init_word]
+            if len(opt.init_word) > 1:
+                raise ValueError("Textual Inversion trains one concept per run; give one --init_word (and one --data_root)")
+            personalization.params.initializer_words = [opt.init_word[0]]
         else:  # CatVersion: the word is the caption
-            train.base_class_word = opt.init_word
+            train.base_class_word = opt.init_word[0] if len(opt.init_word) == 1 else opt.init_word
+    if OmegaConf.is_list(train.get("data_root")) and len(train.data_root) > 1:  # several concepts in one run
+        from ldm.data.personalized import concept_names
+
+        if personalization is not None:
+            raise ValueError("Textual Inversion trains one concept per run; give one --data_root (and one --init_word)")
+        config.model.params.concepts = concept_names(train.data_root, train.get("base_class_word"))
     return config
 
 
@@ -230,6 +251,7 @@ def run(opt, unknown, extra_callbacks=()):
     from ldm.util import instantiate_from_config
 
     # Everything cheap is checked first, so that a typo costs seconds, not a model load, and leaves no run folder.
+    unknown = take_back_overrides(opt, unknown)
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     ckpt_path = None
     if opt.resume:
@@ -240,7 +262,8 @@ def run(opt, unknown, extra_callbacks=()):
     else:
         if not opt.base:
             raise ValueError("no config; pass --base configs/stable-diffusion/v1-finetune.yaml (or configs/tiny/v1-finetune.yaml)")
-        data_name = os.path.basename(os.path.normpath(opt.data_root)) if opt.data_root else ""
+        roots = [os.path.basename(os.path.normpath(r)) for r in opt.data_root or []]
+        data_name = (roots[0] + (f"+{len(roots) - 1}more" if len(roots) > 1 else "")) if roots else ""
         logdir = os.path.join(opt.logdir, f"{data_name}{now}_{opt.name}" if opt.name else f"{data_name}{now}")
     check_output_dir(logdir, flag="-l/--logdir")
     config = load_config(opt, unknown)

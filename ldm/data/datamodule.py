@@ -5,8 +5,10 @@ import warnings
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
+from ldm.data.personalized import Concepts, concept_names
 from ldm.util import instantiate_from_config
 
 
@@ -101,7 +103,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     def setup(self, stage=None):
         if self.train_dataset is None:
-            self.train_dataset = instantiate_from_config(self.train_config)
+            self.train_dataset = build_dataset(self.train_config)
             # A dataset of another kind gets plain indices (it may not take the `(index, item_seed)` keys).
             item_seeds = getattr(self.train_dataset, "takes_item_seeds", False)
             self.sampler = ResumableSampler(len(self.train_dataset), self.batch_size, self.seed, self._consumed_batches,
@@ -118,7 +120,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     def train_dataloader(self):
         self.setup()
-        loader = {"batch_size": self.batch_size, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        loader = {"batch_size": self.batch_size, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                  "collate_fn": getattr(self.train_dataset, "collate", None)}
         if self._distributed():
             # Several processes: Lightning gives each its share through a DistributedSampler, which would wrap ours
             # and needs every iteration to cover a whole epoch. Such runs resume at the right step, not bit for bit.
@@ -136,3 +139,16 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if "sampler" in state:
             self.setup()
             self.sampler.load_state_dict(state["sampler"])
+
+
+def build_dataset(config):
+    """The dataset of a config; lists of `data_root` and `base_class_word` (one per concept) make a `Concepts`."""
+    params = config.get("params") or {}
+    params = OmegaConf.to_container(params, resolve=True) if OmegaConf.is_config(params) else dict(params)
+    roots = params.get("data_root")
+    if not isinstance(roots, list):
+        return instantiate_from_config(config)
+    words = list(concept_names(roots, params.get("base_class_word")).values())
+    datasets = [instantiate_from_config({"target": config["target"], "params": {**params, "data_root": r, "base_class_word": w}})
+                for r, w in zip(roots, words)]
+    return datasets[0] if len(datasets) == 1 else Concepts(datasets)

@@ -1,11 +1,12 @@
-"""A few photos of one concept, each paired with a caption made from its base class word (CatVersion's training set)."""
+"""A few photos of one concept, each paired with a caption made from its base class word (CatVersion's training set);
+several concepts trained in one run (`Concepts`)."""
 import os
 import random
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ldm.images import UnreadableImage, list_images, load_rgb
 
@@ -97,3 +98,47 @@ class PersonalizedBase(Dataset):
             "index": i % self.num_images,
             "flip": flip,
         }
+
+
+def concept_names(data_roots, words):
+    """{data folder name: base class word} of a run's concepts, checked: one word per folder, each folder once (its
+    name names the concept's `checkpoints/<name>/`)."""
+    data_roots, words = list(data_roots), [words] if isinstance(words, str) or words is None else list(words)
+    if len(words) != len(data_roots):
+        raise ValueError(f"{len(data_roots)} concept folders (--data_root) but {len(words)} base class words (--init_word); "
+                         "give one word per folder, in the same order")
+    names = {}
+    for root in data_roots:
+        name = os.path.basename(os.path.normpath(root))
+        if name in names:
+            same = os.path.realpath(root) == os.path.realpath(names[name])
+            raise ValueError(f"--data_root {names[name]} and {root} " + ("are the same folder; give each concept once" if same else
+                             f"share the folder name {name!r}, which names the concept's checkpoints/{name}/; rename one"))
+        names[name] = root
+    return dict(zip(names, (str(w) for w in words)))
+
+
+class Concepts(Dataset):
+    """Several concepts' datasets as one: item i is item i of each (the shorter ones wrap around), so a batch of `b`
+    items, put together by `collate`, holds `b` pictures of every concept, concept after concept, each with its
+    concept's index (`concept`) and an `index` unique across concepts (the trainer's latent cache keys)."""
+
+    takes_item_seeds = True
+
+    def __init__(self, datasets):
+        self.datasets = datasets
+        self.offsets = np.cumsum([0] + [d.num_images for d in datasets]).tolist()
+
+    def __len__(self):
+        return max(len(d) for d in self.datasets)
+
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        # Each concept draws its flip and caption from its own seed: the same one for all would flip them together.
+        return [{**item, "index": self.offsets[c] + item["index"], "concept": c}
+                for c, d in enumerate(self.datasets)
+                for item in [d[(i % len(d), None if seed is None else f"{seed}:{c}")]]]
+
+    @staticmethod
+    def collate(items):
+        return default_collate([group[c] for c in range(len(items[0])) for group in items])

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ldm.models.diffusion.ddpm import q_sample
 from ldm.modules.encoders.concat_kv import ConcatKV
 from ldm.perf.device import measure_step
 
@@ -97,52 +96,34 @@ def measure_variant(model, optimizer, batch, variant, steps, warmup):
 
 
 # --- many concepts in one step ---------------------------------------------------------------------------------
-def concept_adapters(model, n, seed=0):
-    """`n` independent CatVersion adapters shaped as the model's own (each a concept of its own)."""
-    like = model.cond_stage_model.adapters[0]
-    torch.manual_seed(seed)
-    adapters = [ConcatKV(like.width, like.heads, like.layers, like.num_tokens, logit_bias=like.logit_bias)
-                for _ in range(n)]
-    return [a.to(model.device).requires_grad_(True) for a in adapters]
-
-
-def multi_concept_loss(model, adapters, batch):
-    """One step's loss for len(adapters) concepts: each concept's `b` images conditioned through its own adapter,
-    the UNet run once over all of them; the sum of the per-concept mean losses, so that each adapter receives
-    exactly the gradient of its own single-concept step."""
+def use_concepts(model, n, seed=0):
+    """Let `model` train `n` concepts at once, as a run of `n` concept folders does: a fresh adapter of `n` concepts
+    shaped as the model's own (n = 1: one concept, the plain path). Returns the adapter it replaced."""
     enc = model.cond_stage_model
-    z = model.get_first_stage_encoding(model._posterior(batch))
-    n = len(adapters)
-    b = z.shape[0] // n
-    t = torch.randint(0, model.num_timesteps, (z.shape[0],), device=model.device)
-    noise = torch.randn_like(z)
-    saved = enc._adapters
-    try:
-        conds = []
-        for adapter in adapters:
-            enc._adapters = [adapter]
-            conds.append(model.get_training_conditioning(batch["caption"][:b]))
-    finally:
-        enc._adapters = saved
-    eps = model.apply_model(q_sample(z, t, noise, model.alphas_cumprod), t, torch.cat(conds))
-    per_image = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
-    return per_image.view(n, b).mean(1).sum()
+    like = enc.adapters[0]
+    torch.manual_seed(seed)
+    enc._attach(ConcatKV(like.width, like.heads, like.layers, like.num_tokens, logit_bias=like.logit_bias, concepts=n),
+                trainable=True, source="benchmark")
+    model.concept_names = [f"concept{i}" for i in range(n)] if n > 1 else []
+    return like
 
 
 def measure_concepts(model, n, batch_size, H, W, steps, warmup, lr=1e-3):
-    """Step time and peak memory of `n` concepts trained in one step (batch_size images each)."""
+    """Step time and peak memory of `n` concepts trained in one step (batch_size images each), through the training
+    step itself (`shared_step`, each row's concept index in the batch)."""
     device = model.device
     model.clear_fast_caches()
-    adapters = concept_adapters(model, n)
-    optimizer = torch.optim.AdamW([a.control_trans for a in adapters], lr=lr)
-    batch = make_batch(n * batch_size, H, W, device, seed=n)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        multi_concept_loss(model, adapters, batch).backward()
-        optimizer.step()
-
-    return {"concepts": n, "images_per_step": n * batch_size, **measure_step(step, device, steps, warmup)}
+    before = use_concepts(model, n)
+    try:
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
+        batch = make_batch(n * batch_size, H, W, device, seed=n)
+        if n > 1:
+            batch["concept"] = [i // batch_size for i in range(n * batch_size)]
+        result = measure_step(lambda: train_step(model, optimizer, batch), device, steps, warmup)
+    finally:
+        model.cond_stage_model._attach(before, trainable=True, source="benchmark")
+        model.concept_names = []
+    return {"concepts": n, "images_per_step": n * batch_size, **result}
 
 
 def measure_diffusers_unet(unet, model, batch_size, H, W, steps, warmup, bf16):

@@ -8,6 +8,7 @@ import os
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from ldm.modules.attention import BasicTransformerBlock
@@ -69,6 +70,7 @@ class LatentDiffusion(pl.LightningModule):
         parameterization="eps",
         personalization_config=None,
         fast=None,
+        concepts=None,
         **ignored,  # keys of the reference's configs that mean nothing here (monitor, use_ema, log_every_t, ...)
     ):
         super().__init__()
@@ -76,6 +78,16 @@ class LatentDiffusion(pl.LightningModule):
             raise ValueError("only epsilon prediction with cross-attention conditioning (SD v1) is supported")
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
         self.image_size, self.channels, self.scale_factor = image_size, channels, scale_factor
+        # Several concepts in one run ({data folder name: base class word}): one adapter holding one concept each,
+        # batches with each row's concept index (`concept`), each concept's files in a folder of its own.
+        self.concept_names = list(concepts or {})
+        self.concept_words = dict(concepts or {})
+        self.concept_losses = None  # the last step's loss of each concept
+        if len(self.concept_names) > 1:
+            if personalization_config is not None or "concat_kv" not in cond_stage_config.get("params", {}):
+                raise ValueError("several concepts in one run need CatVersion's cond_stage_config.params.concat_kv; "
+                                 "Textual Inversion trains one concept per run")
+            cond_stage_config = OmegaConf.merge(cond_stage_config, {"params": {"concat_kv": {"concepts": len(concepts)}}})
         self.model = DiffusionWrapper(unet_config)
         self.first_stage_model = instantiate_from_config(first_stage_config)
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
@@ -110,8 +122,10 @@ class LatentDiffusion(pl.LightningModule):
         return self
 
     # --- the three frozen networks -------------------------------------------------------------------
-    def get_learned_conditioning(self, prompts):
-        return self.cond_stage_model.encode(list(prompts))
+    def get_learned_conditioning(self, prompts, concepts=None):
+        if concepts is None:
+            return self.cond_stage_model.encode(list(prompts))
+        return self.cond_stage_model.encode(list(prompts), concepts)
 
     @torch.no_grad()
     def encode_first_stage(self, x):
@@ -165,44 +179,58 @@ class LatentDiffusion(pl.LightningModule):
             return None
         return list(zip(_as_list(batch["index"]), (bool(f) for f in _as_list(batch["flip"]))))
 
-    def get_training_conditioning(self, captions):
-        """`get_learned_conditioning(captions)` for a training step, through the text cache with `fast.cache_text`.
+    def get_training_conditioning(self, captions, concepts=None):
+        """`get_learned_conditioning(captions, concepts)` for a training step, through the text cache with `fast.cache_text`.
 
         The frozen layers below the first adapted one see no trainable number, so their output for a caption is
         computed once; each step runs only the adapted layers and the final layer norm, once per distinct caption
-        (CatVersion's batches repeat one caption). Not with a Textual Inversion embedding manager: its trainable word
-        embeddings enter at the bottom."""
+        (CatVersion's batches repeat one caption; once per distinct caption and concept with several concepts). Not with
+        a Textual Inversion embedding manager: its trainable word embeddings enter at the bottom."""
         enc = self.cond_stage_model
         if not self.fast["cache_text"] or self.embedding_manager is not None or not hasattr(enc, "encode_from_hidden"):
-            return self.get_learned_conditioning(captions)
+            return self.get_learned_conditioning(captions, concepts)
         start = enc.first_adapted_layer
-        distinct = list(dict.fromkeys(captions))
-        for caption in distinct:
+        keys = list(zip(captions, [0] * len(captions) if concepts is None else concepts))
+        distinct = list(dict.fromkeys(keys))
+        for caption, _ in distinct:
             if (caption, start) not in self._text_cache:  # one caption at a time, as the pictures in _posterior
                 self._text_cache[(caption, start)] = enc.frozen_hidden_states(enc.tokenize([caption]), start)[0]
-        cond = enc.encode_from_hidden(torch.stack([self._text_cache[(c, start)] for c in distinct]), start)
+        cond = enc.encode_from_hidden(torch.stack([self._text_cache[(c, start)] for c, _ in distinct]), start,
+                                      None if concepts is None else [k for _, k in distinct])
         if len(distinct) == 1:
             # A view of the one row: the UNet's cross-attention can then project it once for the whole batch.
             return cond.expand(len(captions), -1, -1)
-        row = {c: i for i, c in enumerate(distinct)}
-        return torch.cat([cond[row[c]:row[c] + 1] for c in captions])  # slices, not an index tensor: no device copy
+        row = {key: i for i, key in enumerate(distinct)}
+        return torch.cat([cond[row[k]:row[k] + 1] for k in keys])  # slices, not an index tensor: no device copy
 
     def clear_fast_caches(self):
         """Forget cached latents and text states (they are stale once the frozen weights or the data change)."""
         self._latent_cache.clear()
         self._text_cache.clear()
 
-    def p_losses(self, z, cond, t, noise=None):
-        """Plain MSE between the true and the predicted noise, mean over all elements (`loss_simple`)."""
+    def p_losses(self, z, cond, t, noise=None, concepts=None):
+        """Plain MSE between the true and the predicted noise, mean over all elements (`loss_simple`).
+
+        With each row's concept index: the SUM of the concepts' own mean losses (kept in `concept_losses`), so that
+        each concept's adapter gets exactly the gradient of its own one-concept step, and AdamW, which works element
+        by element (weight decay too), steps each concept's numbers as that concept's own run would."""
         noise = torch.randn_like(z) if noise is None else noise
         eps = self.apply_model(q_sample(z, t, noise, self.alphas_cumprod), t, cond)
-        return F.mse_loss(eps.float(), noise.float())
+        if concepts is None:
+            return F.mse_loss(eps.float(), noise.float())
+        per_row = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
+        index = torch.as_tensor(concepts, device=per_row.device)
+        n = len(self.concept_names)
+        losses = per_row.new_zeros(n).index_add(0, index, per_row) / torch.bincount(index, minlength=n)
+        self.concept_losses = losses.detach()
+        return losses.sum()
 
     def shared_step(self, batch):
         # Random numbers in the reference's order: posterior sample, timesteps, noise.
         z, captions = self.get_input(batch)
+        concepts = batch.get("concept")
         t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=self.device)
-        return self.p_losses(z, self.get_training_conditioning(captions), t)
+        return self.p_losses(z, self.get_training_conditioning(captions, concepts), t, concepts=concepts)
 
     # --- fast-path switches --------------------------------------------------------------------------
     @staticmethod
@@ -274,7 +302,7 @@ class LatentDiffusion(pl.LightningModule):
         # Cache keys as Python values before Lightning moves the batch: reading them back from a GPU would wait for
         # the device on every step.
         if isinstance(batch, dict):
-            for key in ("index", "flip"):
+            for key in ("index", "flip", "concept"):
                 if isinstance(batch.get(key), torch.Tensor):
                     batch[key] = batch[key].tolist()
         return batch
@@ -284,7 +312,12 @@ class LatentDiffusion(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.shared_step(batch)
-        self.log("train/loss_simple", loss, prog_bar=True, on_step=True, batch_size=len(batch[self.cond_stage_key]))
+        n = max(len(self.concept_names), 1)
+        # With several concepts: their mean (comparable with a one-concept run's loss), and each concept's own.
+        self.log("train/loss_simple", loss / n, prog_bar=True, on_step=True, batch_size=len(batch[self.cond_stage_key]))
+        if n > 1:
+            for name, value in zip(self.concept_names, self.concept_losses):
+                self.log(f"train/loss_simple/{name}", value, on_step=True, batch_size=len(batch[self.cond_stage_key]) // n)
         opt = self.optimizers()
         self.log("lr-abs", opt.param_groups[0]["lr"], prog_bar=True, on_step=True, logger=True)
         return loss
@@ -302,8 +335,15 @@ class LatentDiffusion(pl.LightningModule):
         return torch.optim.AdamW(params, lr=self.learning_rate)
 
     def save_personalization(self, directory, metadata=None):
-        """Write what was learned: the CatVersion adapter files and/or the Textual Inversion `embeddings.pt`."""
-        if self.cond_stage_model.adapter_parameters():
+        """Write what was learned: the CatVersion adapter files and/or the Textual Inversion `embeddings.pt`.
+
+        With several concepts, `<parent>/<name>` becomes `<parent>/<concept folder>/<name>` for each concept."""
+        if len(self.concept_names) > 1:
+            parent, name = os.path.split(directory)
+            for c, concept in enumerate(self.concept_names):
+                meta = {**(metadata or {}), "base_class_word": self.concept_words[concept]}
+                self.cond_stage_model.adapter_save(os.path.join(parent, concept, name), metadata=meta, concept=c)
+        elif self.cond_stage_model.adapter_parameters():
             self.cond_stage_model.adapter_save(directory, metadata=metadata)
         if self.embedding_manager is not None:
             os.makedirs(directory, exist_ok=True)
@@ -331,16 +371,26 @@ class LatentDiffusion(pl.LightningModule):
             restore_rng_states(self._rng_states_to_restore)
             self._rng_states_to_restore = None
 
+    def sample_prompts(self, batch, limit):
+        """(captions, concept indices or None) for sample sheets: the batch's first `limit` captions; with several
+        concepts the first caption of each concept, every concept shown whatever `limit`."""
+        captions, concepts = list(batch[self.cond_stage_key]), batch.get("concept")
+        if concepts is None:
+            return captions[:limit], None
+        first = {int(k): i for i, k in reversed(list(enumerate(concepts)))}
+        return [captions[first[k]] for k in sorted(first)], sorted(first)
+
     @torch.no_grad()
-    def log_images(self, captions, ddim_steps=50, scale=10.0, seed=0):
-        """DDIM samples for `captions` with the learned concept and, from the same noise, without it."""
+    def log_images(self, captions, ddim_steps=50, scale=10.0, seed=0, concepts=None):
+        """DDIM samples for `captions` with the learned concept(s) (row i through concept `concepts[i]`, if given) and,
+        from the same noise, without."""
         from ldm.models.diffusion.ddim import DDIMSampler
 
         n, shape = len(captions), (self.channels, self.image_size, self.image_size)
         with self.cond_stage_model.adapter_disabled():
             uc = self.get_learned_conditioning([""] * n)
             c_base = self.get_learned_conditioning(captions)
-        c = self.get_learned_conditioning(captions)
+        c = self.get_learned_conditioning(captions, concepts)
         x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(self.device)
         sampler = DDIMSampler(self)
         out = {}

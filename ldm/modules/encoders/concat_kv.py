@@ -9,6 +9,8 @@ mask, so its released adapters were trained with +1.0 on these logits (0.0 gives
 All numbers live in ONE flat parameter `control_trans` in the reference layout, read as
 `view(batch, num_tokens, n_layers * 2, heads, head_dim).permute(2, 0, 3, 1, 4).split(2)`:
 index 2*i along the `n_layers * 2` axis holds the keys of the i-th covered layer, 2*i+1 its values.
+With `concepts` = n > 1 the parameter holds n such blocks one after the other (one concept each, trained together
+in one run); `kv(layer, batch, concept)` then gives each batch row the K/V of its own concept.
 
 Strength s (inference knob): log(s) is added to the extra columns' logits, i.e. the extra tokens'
 unnormalised attention weights are multiplied by s, as if the concept token appeared s times.
@@ -34,7 +36,8 @@ ATTN_IMPLEMENTATION = "catversion"
 
 
 class ConcatKV(nn.Module):
-    def __init__(self, width, heads, layers=(9, 10, 11), num_tokens=1, init="randn", logit_bias=1.0, strength=1.0):
+    def __init__(self, width, heads, layers=(9, 10, 11), num_tokens=1, init="randn", logit_bias=1.0, strength=1.0,
+                 concepts=1):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by {heads} heads; check the text encoder config")
@@ -44,12 +47,14 @@ class ConcatKV(nn.Module):
             raise ValueError(f"concat_kv num_tokens must be >= 1, got {num_tokens}")
         if init not in ("randn", "zeros"):
             raise ValueError(f"concat_kv init must be 'randn' (as the reference) or 'zeros', got {init!r}")
+        if concepts < 1:
+            raise ValueError(f"concat_kv concepts must be >= 1, got {concepts}")
         self.width, self.heads = int(width), int(heads)
         self.layers, self.num_tokens = [int(i) for i in layers], int(num_tokens)
         self.logit_bias = float(logit_bias)
-        self.strength = strength
-        numel = self.num_tokens * len(self.layers) * 2 * self.width
-        # Standard normal with no scaling, as the reference.
+        self.strength, self.concepts = strength, int(concepts)
+        numel = self.concepts * self.num_tokens * len(self.layers) * 2 * self.width
+        # Standard normal with no scaling, as the reference (concept 0 starts as a one-concept adapter would).
         self.control_trans = nn.Parameter(torch.randn(numel) if init == "randn" else torch.zeros(numel))
 
     @property
@@ -67,14 +72,25 @@ class ConcatKV(nn.Module):
         """What is added to the extra columns' logits: the trained bias plus log(strength)."""
         return self.logit_bias + math.log(self.strength)
 
-    def kv(self, layer, batch):
-        """(extra_k, extra_v) of `layer` (a layer index), each (batch, heads, num_tokens, head_dim)."""
+    def concept(self, c):
+        """Concept c's numbers: what a one-concept adapter's `control_trans` holds."""
+        return self.control_trans.view(self.concepts, -1)[c]
+
+    def kv(self, layer, batch, concept=None):
+        """(extra_k, extra_v) of `layer` (a layer index), each (batch, heads, num_tokens, head_dim); with several
+        concepts, row r gets concept `concept[r]`'s (a LongTensor of `batch` indices)."""
+        if concept is None and self.concepts > 1:
+            raise ValueError(f"this adapter holds {self.concepts} concepts; pass each batch row's concept index")
         i = self.layers.index(layer)
-        per_layer = self.control_trans.view(1, self.num_tokens, len(self.layers) * 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        return per_layer[2 * i].expand(batch, -1, -1, -1), per_layer[2 * i + 1].expand(batch, -1, -1, -1)
+        per_layer = self.control_trans.view(self.concepts, self.num_tokens, len(self.layers) * 2, self.heads, -1)
+        k, v = per_layer.permute(2, 0, 3, 1, 4)[2 * i:2 * i + 2]
+        if self.concepts == 1:
+            return k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+        return k[concept], v[concept]
 
     def extra_repr(self):
-        return f"layers={self.layers}, num_tokens={self.num_tokens}, logit_bias={self.logit_bias}, strength={self.strength}"
+        return (f"layers={self.layers}, num_tokens={self.num_tokens}, logit_bias={self.logit_bias}, strength={self.strength}"
+                f", concepts={self.concepts}")
 
 
 def concat_kv_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, catversion_kv=None, **kwargs):

@@ -27,7 +27,7 @@ AUTHORS_CONFIG, AUTHORS_WEIGHTS, OUR_WEIGHTS = "adapter_config.json", "pytorch_a
 _AUTHORS_TAIL = "prefix_tunings.prefix_tuning1.clip_text_model_self_prefix.control_trans"
 _AUTHORS_LAYER_KEY = "text_model.encoder.layers.{}.self_attn.prefix_tuning.pool." + _AUTHORS_TAIL
 _AUTHORS_POOL_KEY = "prefix_tuning." + _AUTHORS_TAIL
-_CONCAT_KV_KNOBS = ("layers", "num_tokens", "init", "logit_bias", "strength")
+_CONCAT_KV_KNOBS = ("layers", "num_tokens", "init", "logit_bias", "strength", "concepts")
 
 
 class FrozenCLIPEmbedder(nn.Module):
@@ -37,6 +37,8 @@ class FrozenCLIPEmbedder(nn.Module):
     (train them through `adapter_parameters()`); they do follow `.to()`/`.half()`/`.cuda()`.
     The first adapter is the trainable one (built from `concat_kv`, or loaded with `stack=False`);
     adapters loaded with `stack=True` are further concepts, frozen, active together with it.
+    A trainable adapter of several concepts (`concat_kv.concepts`) conditions each batch row through its own concept:
+    the encoding methods then take `concepts`, one concept index per row.
     """
 
     def __init__(self, text_config=None, max_length=77, concat_kv=None, freeze=True, **ignored):
@@ -97,18 +99,18 @@ class FrozenCLIPEmbedder(nn.Module):
             warnings.warn(f"{len(cut)} prompt(s) longer than {self.max_length} CLIP tokens were truncated, e.g. {cut[0][:80]!r}...", stacklevel=2)
         return batch.input_ids
 
-    def encode_tokens(self, tokens):
+    def encode_tokens(self, tokens, concepts=None):
         """Token ids (b, max_length) -> last_hidden_state (b, max_length, width), with the active adapters."""
         tokens = tokens.to(self.transformer.device)
-        extra = self._extra_kv(tokens.shape[0])
+        extra = self._extra_kv(tokens.shape[0], concepts)
         kwargs = {"catversion_kv": extra} if extra else {}
         return self.transformer(input_ids=tokens, **kwargs).last_hidden_state
 
-    def forward(self, text):
-        return self.encode_tokens(self.tokenize(text))
+    def forward(self, text, concepts=None):
+        return self.encode_tokens(self.tokenize(text), concepts)
 
-    def encode(self, text):
-        return self(text)
+    def encode(self, text, concepts=None):
+        return self(text, concepts)
 
     # --- the same conditioning in two parts (training fast path) ---------------------------------------
     # Layers below the first one that carries extra K/V are plain frozen CLIP, so for a given caption their output
@@ -134,9 +136,9 @@ class FrozenCLIPEmbedder(nn.Module):
             hidden = layer(hidden, None, is_causal=True)
         return hidden
 
-    def encode_from_hidden(self, hidden, start):
+    def encode_from_hidden(self, hidden, start, concepts=None):
         """Layers `start`.. (with the active adapters) and the final layer norm, from `frozen_hidden_states(tokens, start)`."""
-        extra = self._extra_kv(hidden.shape[0])
+        extra = self._extra_kv(hidden.shape[0], concepts)
         kwargs = {"catversion_kv": extra} if extra else {}
         for layer in self.transformer.encoder.layers[start:]:
             # CLIPTextModel.forward hands its layers no mask and is_causal=True (see concat_kv); so do we.
@@ -148,13 +150,17 @@ class FrozenCLIPEmbedder(nn.Module):
             return []
         return [a for a in self._adapters if a.strength != 0]  # s = 0 is the base model, bit for bit
 
-    def _extra_kv(self, batch):
-        """{attention module: [(extra_k, extra_v, logit offset), ...]} over the active adapters."""
+    def _extra_kv(self, batch, concepts=None):
+        """{attention module: [(extra_k, extra_v, logit offset), ...]} over the active adapters; `concepts`: each
+        row's concept index for an adapter of several concepts."""
         extra = {}
+        if concepts is not None:
+            concepts = torch.as_tensor(concepts, device=self.transformer.device)
         for adapter in self._active_adapters():
+            index = concepts if adapter.concepts > 1 else None
             for layer in adapter.layers:
                 attn = self.transformer.encoder.layers[layer].self_attn
-                extra.setdefault(attn, []).append((*adapter.kv(layer, batch), adapter.logit_offset))
+                extra.setdefault(attn, []).append((*adapter.kv(layer, batch, index), adapter.logit_offset))
         return extra
 
     # --- adapters ----------------------------------------------------------------------------------
@@ -193,12 +199,13 @@ class FrozenCLIPEmbedder(nn.Module):
         else:
             self._adapters.append(adapter)
 
-    def adapter_save(self, directory, metadata=None):
-        """Write the trainable adapter to `directory` in the authors' format and as catversion.safetensors."""
+    def adapter_save(self, directory, metadata=None, concept=0):
+        """Write the trainable adapter (its concept `concept`) to `directory` in the authors' format and as
+        catversion.safetensors."""
         if not self._adapters:
             raise ValueError("no adapter to save; build the embedder with concat_kv={...} or call adapter_load first")
         a = self._adapters[0]
-        flat = a.control_trans.detach().to("cpu", torch.float32).contiguous()
+        flat = a.concept(concept).detach().to("cpu", torch.float32).contiguous()
         n = len(a.layers)
         # The reference fixed its layers in code and wrote leave_out []; only other layer sets need leave_out.
         deepest = list(range(self.num_layers - n, self.num_layers))
