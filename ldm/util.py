@@ -1,32 +1,13 @@
-"""Config plumbing in the CompVis style: every model is built from a `target:` path and its `params:`."""
+"""Shared CLI plumbing: building a model from its config and checkpoint, one-line errors, --help formatting."""
 import argparse
-import importlib
 import re
 import sys
 import textwrap
 from contextlib import contextmanager
 
-from omegaconf import OmegaConf
-
-from ldm.files import atomic_write  # noqa: F401  (its home is ldm.files; many callers import it from here)
-
-
-def get_obj_from_str(string, reload=False):
-    module, cls = string.rsplit(".", 1)
-    if reload:
-        importlib.reload(importlib.import_module(module))
-    return getattr(importlib.import_module(module, package=None), cls)
-
-
-def instantiate_from_config(config):
-    if "target" not in config:
-        if config in ("__is_first_stage__", "__is_unconditional__"):
-            return None
-        raise KeyError("Expected key `target` to instantiate.")
-    params = config.get("params", dict())
-    if OmegaConf.is_config(params):
-        params = OmegaConf.to_container(params, resolve=True)
-    return get_obj_from_str(config["target"])(**params)
+# Their homes are ldm.files and ldm.config; many callers import them from here.
+from ldm.config import instantiate_from_config  # noqa: F401
+from ldm.files import atomic_write  # noqa: F401
 
 
 def load_model_from_config(config, ckpt_path=None, device="cpu", verbose=True):
