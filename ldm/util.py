@@ -1,7 +1,10 @@
 """Shared CLI plumbing: building a model from its config and checkpoint, one-line errors, --help formatting."""
 import argparse
+import errno
 import re
+import signal
 import sys
+import threading
 import textwrap
 from contextlib import contextmanager
 
@@ -25,12 +28,18 @@ def load_model_from_config(config, ckpt_path=None, device="cpu", verbose=True):
 @contextmanager
 def one_line_errors(debug=False, code=2):
     """The CLIs' convention: bad input (ValueError, OSError) ends as one `error: ...` line on stderr and exit code
-    `code`, with no traceback unless --debug asked for it."""
+    `code`, with no traceback unless --debug asked for it. A file-size limit (ulimit -f) reached makes a write fail
+    with an OSError (EFBIG) to report, rather than killing the process with SIGXFSZ and a half-written file."""
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         yield
     except (ValueError, OSError) as e:
         if debug:
             raise
+        if isinstance(e, OSError) and e.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):  # raised by a library's write
+            e = f"cannot write {e.filename or 'an output file'} ({e.strerror}); free disk space or raise the file-size " \
+                "limit (ulimit -f), or write elsewhere"
         print(f"error: {e}", file=sys.stderr)
         sys.exit(code)
 

@@ -270,6 +270,7 @@ def run(opt):
     import torch
 
     from ldm.evaluation import clip_metrics
+    from ldm.config import resolve_device
     from ldm.report import save_sheet
 
     concepts = parse_concepts(opt.concept)
@@ -280,7 +281,7 @@ def run(opt):
         raise ValueError(f"--n_images {opt.n_images} must be at least 1")
     clip = clip_metrics.load_clip(opt.clip_model, opt.clip_weights) if opt.clip_weights else None
     metrics = ["pixel_cosine"] if clip is None else ["clip_i", "clip_t", "geometric_mean"]
-    device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(opt.outdir, exist_ok=True)
     rows, sheet = [], {}  # sheet: row label -> image paths, in the columns' order
     for name, base, overrides in variants:

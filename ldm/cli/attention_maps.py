@@ -82,9 +82,10 @@ def run(opt):
 
     from ldm import sampling
     from ldm.analysis import attention_maps as am
+    from ldm.config import resolve_device
     from ldm.report import save_sheet
 
-    device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sampling.check_sampling_args(opt.H, opt.W, opt.scale, 1, opt.n_iter, opt.ddim_steps, seed=opt.seed)
     latent = (opt.H // sampling.LATENT_FACTOR, opt.W // sampling.LATENT_FACTOR)
     if opt.attn_downsample is not None:

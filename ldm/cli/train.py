@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from ldm.callbacks import (AdapterCheckpoint, AdapterSummary, ContinuingCSVLogger, StepProgressBar, TrainingGuard,
                            quiet_lightning)
 from ldm.config import check_hardware, load_config
+from ldm.files import new_folder
 from ldm.util import HelpFormatter, one_line_errors
 
 LOG_EVERY_N_STEPS = 10  # when a config sets no lightning.trainer.log_every_n_steps
@@ -147,6 +148,9 @@ def run(opt, unknown, extra_callbacks=()):
     model.learning_rate, message = learning_rate(config, trainer_config, ngpu, opt.scale_lr)
     print(message)
 
+    if not opt.resume:  # the name was free when checked; another run started in the same second may have taken it
+        logdir = new_folder(logdir.rstrip("/"))
+        ckptdir = os.path.join(logdir, "checkpoints")
     os.makedirs(os.path.join(logdir, "configs"), exist_ok=True)
     project = OmegaConf.merge(config, {"run": {"actual_resume": opt.actual_resume}})
     OmegaConf.save(project, os.path.join(logdir, "configs", f"{now}-project.yaml"))
