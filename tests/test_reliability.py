@@ -1,4 +1,4 @@
-"""Reliability through the real command lines (each case a real process): config values checked against what consumes
+"""Reliability through the real command lines (three or more cases of each class in real processes, more in-process): config values checked against what consumes
 them, hardware that is not there, config targets that would run a stranger's code, a disk that fills up mid-save
 (RLIMIT_FSIZE lowered in the child), and run folders that never collide.
 
@@ -163,7 +163,8 @@ def _run(argv, limit, cwd):
 
 @pytest.fixture(scope="module")
 def results(tiny_ckpt, example_data, tmp_path_factory):
-    """{case: (CompletedProcess, its folder, marker)}: every case run once, four at a time."""
+    """{case: (CompletedProcess, or the argv of a case run in-process, its folder, message)}: each case that runs
+    as a real process runs once, four at a time."""
     import open_clip
     from PIL import Image
 
@@ -183,9 +184,25 @@ def results(tiny_ckpt, example_data, tmp_path_factory):
         Image.new("RGB", (32, 32), (200, 30, 30)).save(t["disk full: evaluate"] / side / "a.png")
     all_cases = cases(t, tiny_ckpt, example_data, clip / "tiny.bin")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = {name: pool.submit(_run, argv, limit, os.getcwd()) for name, (argv, limit, _) in all_cases.items()}
+        futures = {name: pool.submit(_run, argv, limit, os.getcwd())
+                   for name, (argv, limit, _) in all_cases.items() if name not in IN_PROCESS}
     folder = {**{name: t[name] for name in all_cases}, "disk full: resumed training": t["finished run"]}
-    return {name: (futures[name].result(), folder[name], all_cases[name][2]) for name in all_cases}, t
+    return {name: (futures[name].result() if name in futures else argv, folder[name], message)
+            for name, (argv, _, message) in all_cases.items()}, t
+
+
+def _in_process(argv, capsys):
+    """The CLI's main(argv) in this process, as a CompletedProcess (much faster than a new interpreter)."""
+    from ldm.cli import txt2img
+
+    entry = {"main.py": main.main, "scripts/txt2img.py": txt2img.main}[argv[0]]
+    capsys.readouterr()
+    try:
+        code = entry(argv[1:]) and 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def _loads_whole(path):
@@ -209,10 +226,17 @@ CASE_NAMES = ["value: batch_size a word", "value: precision in a config file", "
               "unwritable: txt2img --outdir under a file"]
 
 
+# More inputs of each class, run in this process through the same entry points (the ones above are real processes).
+IN_PROCESS = {"value: flip_p out of range", "value: learning rate NaN", "hardware: --gpus abc", "hardware: txt2img --device gpu0",
+              "target: subprocess.run callback", "target: a function of ours", "unwritable: txt2img --outdir under a file"}
+
+
 @pytest.mark.parametrize("case", CASE_NAMES)
-def test_refused_in_one_line_with_nothing_half_written(case, results):
+def test_refused_in_one_line_with_nothing_half_written(case, results, capsys):
     (ran, t) = results
     proc, folder, message = ran[case]
+    if case in IN_PROCESS:
+        proc = _in_process(proc, capsys)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-3000:]
