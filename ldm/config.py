@@ -168,7 +168,10 @@ def check_value(key, value, kind=inspect.Parameter.empty):
 
 def check_params(obj, params, where, name):
     """`params` are arguments `obj` takes, none missing, each of the type its annotation (or default) says."""
-    accepted = inspect.signature(obj).parameters
+    try:
+        accepted = inspect.signature(obj).parameters
+    except (TypeError, ValueError):  # a builtin without one (only with --allow_any_target): its own errors will do
+        return
     try:
         hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
     except Exception:  # annotations naming what cannot be imported here: types are then not checked
@@ -307,6 +310,7 @@ def check_hardware(gpus, trainer_config):
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     accelerator = str(trainer_config.pop("accelerator", "gpu" if gpus is not None else "cpu"))
     devices = trainer_config.pop("devices", "auto")
+    devices = OmegaConf.to_container(devices) if OmegaConf.is_config(devices) else devices
     spec, flag = (gpus, "--gpus") if gpus is not None else (devices, "lightning.trainer.devices")
     try:  # Lightning's spelling: a count (2, -1, "auto"), or ids ("0," "0,1", [0, 1])
         if spec in ("auto", -1, "-1"):
