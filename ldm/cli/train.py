@@ -50,7 +50,7 @@ def get_parser():
     p.add_argument("--init_word", default=None, help="the concept's base class word, e.g. teddybear (the training caption)")
     p.add_argument("-l", "--logdir", default="logs", help="where run folders are made")
     p.add_argument("-s", "--seed", type=int, default=23, help="seed for everything")
-    p.add_argument("--gpus", default=None, help="GPU ids as Lightning takes them, e.g. `0,`; CPU when omitted")
+    p.add_argument("--gpus", default=None, help="GPU ids as Lightning takes them, e.g. `0,`; CPU when omitted (an error where there is no such GPU)")
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
                    help="scale base_lr by accumulate_grad_batches * n_devices * batch_size")
     p.add_argument("--allow_any_target", action="store_true",
