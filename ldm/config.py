@@ -120,7 +120,7 @@ def _fits(value, kind):
         return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
     if origin is dict or kind is dict:
         return isinstance(value, dict)
-    return not isinstance(value, (bool, int, float, str, list, dict)) or value is None
+    return True
 
 
 def _expected(param, hints):
