@@ -95,15 +95,16 @@ def _unknown_key(key, accepted, owner):
     return ValueError(f"unknown config key {key!r} ({owner} takes no {name!r}); {hint}")
 
 
-def _fits(value, kind):
+def _fits(value, kind, alone=True):
     """Whether a YAML value (None, bool, int, float, str, list, dict) can be passed where `kind` is annotated.
 
-    Types YAML cannot produce (a Logger, a timedelta) are not ours to judge here; their consumer will be."""
+    A type YAML cannot produce (a Logger, a timedelta) annotated alone is the consumer's to judge (it may convert);
+    as one alternative of a Union, the value must fit one of the others."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if kind is inspect.Parameter.empty or kind is typing.Any:
         return True
     if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
+        return any(_fits(value, a, alone=False) for a in args)
     if origin is typing.Literal:
         return any(value == a and type(value) is type(a) for a in args)
     if kind is type(None) or kind is None:
@@ -120,7 +121,7 @@ def _fits(value, kind):
         return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
     if origin is dict or kind is dict:
         return isinstance(value, dict)
-    return True
+    return alone
 
 
 def _expected(param, hints):
