@@ -129,6 +129,7 @@ def _bytes(save):
 
 @pytest.fixture(scope="module")
 def embedder():
+    torch.manual_seed(0)  # the same adapter bytes, so the same mutations end the same way on every run
     return FrozenCLIPEmbedder(text_config=TEXT, concat_kv={"layers": [9, 10, 11]})
 
 
