@@ -6,7 +6,7 @@ call longer than TIME_LIMIT s (a hang), or memory of the size a header claims (t
 more than RSS_LIMIT_MB over all the mutations). Header edits aim at the sizes a reader might trust: a safetensors
 header's length and shapes, a zip's central directory, a PNG's and a JPEG's dimensions, YAML aliases.
 
-The readers run in-process; `-s` shows how many mutations each was given and how they ended (the figures of the
+The readers run in-process (and a handful through scripts/txt2img.py); `-s` shows how many mutations each was given and how they ended (the figures of the
 README's reliability section).
 """
 import io
@@ -222,3 +222,35 @@ def test_mutated_files_load_or_fail_in_one_clean_line(reader, valid, tmp_path):
           f"slowest {slowest * 1000:.0f} ms, peak RSS +{grown_mb:.0f} MB")
     assert not failures, "\n".join(failures[:20])
     assert grown_mb < RSS_LIMIT_MB
+
+
+def test_a_mutated_file_ends_in_one_line_through_the_command_line(valid, tmp_path):
+    """A handful through scripts/txt2img.py, in real processes: the first mutation of each adapter format that the
+    reader refuses is refused by the command line in one line, exit code 2, no traceback, no image."""
+    import subprocess
+    import sys
+
+    from .conftest import TINY_INFERENCE
+
+    procs = {}
+    for reader in ("adapter catversion.safetensors", "adapter pytorch_adapter.bin", "Textual Inversion embeddings.pt"):
+        name, data, header, read = valid[reader]
+        folder = tmp_path / reader.replace(" ", "_")
+        folder.mkdir()
+        path = folder / name
+        for kind, mutated in mutations(data, header, seed=1):
+            path.write_bytes(mutated)
+            try:
+                read(str(path))
+            except ValueError:
+                procs[reader] = subprocess.Popen(
+                    [sys.executable, "scripts/txt2img.py", "--ckpt_path", "none", "--config", TINY_INFERENCE, "--H", "64",
+                     "--W", "64", "--ddim_steps", "2", "--outdir", str(folder / "out"), "--embedding_path", str(path),
+                     "--prompt", "a * circle"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                break
+    assert len(procs) == 3
+    for reader, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 2, err[-2000:]
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in out + err, err[-2000:]
+        assert not (tmp_path / reader.replace(" ", "_") / "out").exists()
