@@ -1,6 +1,11 @@
 """Files written whole or not at all: `atomic_write`, which every writer of results, weights and caches goes through."""
 import os
+import re
 import tempfile
+
+# How a failed write shows through the writers we call: OSError from Python, "unexpected pos" / "file write failed"
+# from torch's zip writer, "I/O error ... (os error 27)" from safetensors.
+_WRITE_FAILED = re.compile(r"unexpected pos|file write failed|I/O error|os error \d+", re.I)
 
 
 def _umask():
@@ -29,8 +34,26 @@ def atomic_write(path, write):
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) or (isinstance(e, Exception) and _WRITE_FAILED.search(str(e))):
+            reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise OSError(f"cannot write {path} ({reason}); free disk space, or check the folder is writable and the "
+                          "file-size limit (ulimit -f), or write elsewhere") from None
         raise
     return path
+
+
+def new_folder(path):
+    """Create the folder `path`, or `path_1`, `path_2`, ... if it exists; the name created. mkdir is atomic, so two
+    processes asking for the same name at the same moment (two runs started in the same second) never share one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    for i in range(10_000):
+        name = f"{path}_{i}" if i else path
+        try:
+            os.mkdir(name)
+            return name
+        except FileExistsError:
+            continue
+    raise OSError(f"cannot create a new folder beside {path}: 10000 names taken; clean up its parent folder")

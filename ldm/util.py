@@ -1,32 +1,16 @@
-"""Config plumbing in the CompVis style: every model is built from a `target:` path and its `params:`."""
+"""Shared CLI plumbing: building a model from its config and checkpoint, one-line errors, --help formatting."""
 import argparse
-import importlib
+import errno
 import re
+import signal
 import sys
+import threading
 import textwrap
 from contextlib import contextmanager
 
-from omegaconf import OmegaConf
-
-from ldm.files import atomic_write  # noqa: F401  (its home is ldm.files; many callers import it from here)
-
-
-def get_obj_from_str(string, reload=False):
-    module, cls = string.rsplit(".", 1)
-    if reload:
-        importlib.reload(importlib.import_module(module))
-    return getattr(importlib.import_module(module, package=None), cls)
-
-
-def instantiate_from_config(config):
-    if "target" not in config:
-        if config in ("__is_first_stage__", "__is_unconditional__"):
-            return None
-        raise KeyError("Expected key `target` to instantiate.")
-    params = config.get("params", dict())
-    if OmegaConf.is_config(params):
-        params = OmegaConf.to_container(params, resolve=True)
-    return get_obj_from_str(config["target"])(**params)
+# Their homes are ldm.files and ldm.config; many callers import them from here.
+from ldm.config import instantiate_from_config  # noqa: F401
+from ldm.files import atomic_write  # noqa: F401
 
 
 def load_model_from_config(config, ckpt_path=None, device="cpu", verbose=True):
@@ -44,12 +28,18 @@ def load_model_from_config(config, ckpt_path=None, device="cpu", verbose=True):
 @contextmanager
 def one_line_errors(debug=False, code=2):
     """The CLIs' convention: bad input (ValueError, OSError) ends as one `error: ...` line on stderr and exit code
-    `code`, with no traceback unless --debug asked for it."""
+    `code`, with no traceback unless --debug asked for it. A file-size limit (ulimit -f) reached makes a write fail
+    with an OSError (EFBIG) to report, rather than killing the process with SIGXFSZ and a half-written file."""
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         yield
     except (ValueError, OSError) as e:
         if debug:
             raise
+        if isinstance(e, OSError) and e.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):  # raised by a library's write
+            e = f"cannot write {e.filename or 'an output file'} ({e.strerror}); free disk space or raise the file-size " \
+                "limit (ulimit -f), or write elsewhere"
         print(f"error: {e}", file=sys.stderr)
         sys.exit(code)
 

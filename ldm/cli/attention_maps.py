@@ -82,9 +82,10 @@ def run(opt):
 
     from ldm import sampling
     from ldm.analysis import attention_maps as am
+    from ldm.config import resolve_device
     from ldm.report import save_sheet
 
-    device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     options = sampling.SamplingOptions.from_args(opt).check()
     latent = (opt.H // sampling.LATENT_FACTOR, opt.W // sampling.LATENT_FACTOR)
     if opt.attn_downsample is not None:

@@ -44,6 +44,7 @@ def run(opt):
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from ldm.config import resolve_device
     from ldm.interop.diffusers import apply_catversion
 
     if opt.H % 8 or opt.W % 8:
@@ -51,7 +52,7 @@ def run(opt):
     if not os.path.isfile(os.path.join(opt.model, "model_index.json")):
         raise ValueError(f"{opt.model} is not a diffusers pipeline folder (no model_index.json); "
                          "pass --model with a local SD v1.x diffusers folder")
-    device = opt.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     dtype = torch.float16 if opt.half else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(opt.model, variant=opt.variant, dtype=dtype,
                                                    safety_checker=None, requires_safety_checker=False,

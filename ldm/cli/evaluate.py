@@ -14,6 +14,7 @@ from pathlib import Path
 
 # Let `python scripts/evaluate.py` find the `ldm` package without installing the repository.
 
+from ldm.config import resolve_device
 from ldm.evaluation import clip_metrics
 from ldm.images import list_images, load_rgb
 from ldm.report import bar_chart, csv_text, write_files
@@ -67,6 +68,7 @@ def run(args):
     # Cheap input checks first, so that a wrong folder, an unreadable image or an output path that cannot be
     # written is reported before CLIP is built (and before anything is written).
     check_writable(out)
+    resolve_device(args.device)
     ref_paths = list_images(args.ref_dir)
     gen_paths = list_images(args.gen_dir)
     ref_masks = gen_masks = None

@@ -5,18 +5,16 @@
 """
 import argparse
 import datetime
-import difflib
 import glob
-import inspect
 import os
 import sys
 
-import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from ldm.callbacks import (AdapterCheckpoint, AdapterSummary, ContinuingCSVLogger, StepProgressBar, TrainingGuard,
                            quiet_lightning)
+from ldm.config import check_hardware, load_config
+from ldm.files import new_folder
 from ldm.util import HelpFormatter, one_line_errors
 
 LOG_EVERY_N_STEPS = 10  # when a config sets no lightning.trainer.log_every_n_steps
@@ -55,105 +53,13 @@ def get_parser():
                    help="the concept's base class word, e.g. teddybear (the training caption); one per --data_root folder")
     p.add_argument("-l", "--logdir", default="logs", help="where run folders are made")
     p.add_argument("-s", "--seed", type=int, default=23, help="seed for everything")
-    p.add_argument("--gpus", default=None, help="GPU ids as Lightning takes them, e.g. `0,`; CPU when omitted")
+    p.add_argument("--gpus", default=None, help="GPU ids as Lightning takes them, e.g. `0,`; CPU when omitted (an error where there is no such GPU)")
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
                    help="scale base_lr by accumulate_grad_batches * n_devices * batch_size")
+    p.add_argument("--allow_any_target", action="store_true",
+                   help="let config targets name any importable class or function (only for configs you wrote)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
-
-
-def _one_line(err):
-    """The first line of a YAML/OmegaConf error (theirs span several lines with context we do not need)."""
-    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
-        return f"{err.problem} at line {err.problem_mark.line + 1}"
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
-def read_config_file(path):
-    if not os.path.isfile(path):
-        raise ValueError(f"config file not found: {path}; pass --base configs/stable-diffusion/v1-finetune.yaml "
-                         "(or configs/tiny/v1-finetune.yaml)")
-    try:
-        config = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException) as e:
-        raise ValueError(f"cannot parse config {path}: {_one_line(e)}; fix the YAML syntax") from None
-    if not OmegaConf.is_dict(config):
-        raise ValueError(f"config {path} is not a mapping of keys to values; start from configs/stable-diffusion/v1-finetune.yaml")
-    return config
-
-
-def parse_override(item):
-    try:
-        return OmegaConf.from_dotlist([item])
-    except (yaml.YAMLError, OmegaConfBaseException) as e:
-        raise ValueError(f"cannot parse the value of override {item!r} ({_one_line(e)}); "
-                         "write it as YAML, e.g. key=3, key=[1,2] or key='a:b'") from None
-
-
-def _unknown_key(key, accepted, owner):
-    """The error for a config key that nothing takes, with the closest key that something does take."""
-    parent, _, name = key.rpartition(".")
-    guess = difflib.get_close_matches(name, list(accepted), n=1)
-    hint = f"did you mean {parent}.{guess[0]}?" if guess else "check the config files"
-    return ValueError(f"unknown config key {key!r} ({owner} takes no {name!r}); {hint}")
-
-
-def check_targets(node, where=""):
-    """Every `target:` of the config imports, and its `params:` are arguments it takes.
-
-    Otherwise a typo in a config file surfaces minutes later as a TypeError from deep inside a constructor, or not at
-    all. Classes that swallow unknown keyword arguments (`**ignored`, for the reference's keys) cannot be checked."""
-    from ldm.util import get_obj_from_str
-
-    if OmegaConf.is_list(node):
-        for i, child in enumerate(node):
-            check_targets(child, f"{where}[{i}]")
-        return
-    if not OmegaConf.is_dict(node):
-        return
-    if "target" in node:
-        try:
-            obj = get_obj_from_str(str(node.target))
-        except (ImportError, AttributeError, ValueError) as e:
-            raise ValueError(f"config {where}.target {node.target!r} cannot be imported ({_one_line(e)}); check its spelling") from None
-        params = node.get("params") or {}
-        accepted = inspect.signature(obj).parameters
-        name = getattr(obj, "__name__", str(node.target))
-        if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
-            for key in params:
-                if key not in accepted:
-                    raise _unknown_key(f"{where}.params.{key}", accepted, name)
-        for arg, p in accepted.items():
-            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and arg not in params:
-                raise ValueError(f"config key {where}.params.{arg} is missing; {name} needs it")
-    for key, child in node.items():
-        check_targets(child, f"{where}.{key}" if where else str(key))
-
-
-def check_trainer_keys(trainer_config):
-    import pytorch_lightning as pl
-
-    accepted = inspect.signature(pl.Trainer).parameters
-    for key in trainer_config:
-        if key != "gpus" and key not in accepted:  # `gpus` is the reference's Lightning 1.x spelling, dropped in run()
-            raise _unknown_key(f"lightning.trainer.{key}", accepted, "pytorch_lightning.Trainer")
-
-
-def check_overrides(config, dotlist):
-    """A typo in `key=value` must not silently add a key that nothing reads."""
-    for item in dotlist:
-        if "=" not in item:
-            raise ValueError(f"cannot parse argument {item!r}; overrides look like lightning.trainer.max_steps=20")
-        key = item.split("=", 1)[0]
-        node, parts = config, key.split(".")
-        for i, part in enumerate(parts):
-            if not OmegaConf.is_dict(node) or part not in node:
-                known = list(node.keys()) if OmegaConf.is_dict(node) else []
-                guess = difflib.get_close_matches(part, known, n=1)
-                hint = f"did you mean {'.'.join(parts[:i] + guess)}?" if guess else "check the config files"
-                raise ValueError(f"unknown config key {key!r} in override {item!r}; {hint}")
-            node = node[part]
 
 
 def take_back_overrides(opt, unknown):
@@ -164,37 +70,6 @@ def take_back_overrides(opt, unknown):
         unknown = [v for v in values if "=" in v] + list(unknown)
         setattr(opt, name, [v for v in values if "=" not in v] or None)
     return unknown
-
-
-def load_config(opt, unknown):
-    """The merged config files and `key=value` overrides, checked: every key is one that something reads."""
-    config = OmegaConf.merge(*[read_config_file(c) for c in opt.base])
-    check_overrides(config, unknown)
-    config = OmegaConf.merge(config, *[parse_override(item) for item in unknown])
-    try:
-        OmegaConf.resolve(config)
-    except OmegaConfBaseException as e:
-        raise ValueError(f"config: {_one_line(e)}; check the ${{...}} interpolations") from None
-    check_targets(config)
-    check_trainer_keys(config.get("lightning", {}).get("trainer", {}))
-    train = config.data.params.train.params
-    if opt.data_root is not None:  # one concept: the plain value, as before
-        train.data_root = opt.data_root[0] if len(opt.data_root) == 1 else opt.data_root
-    personalization = config.model.params.get("personalization_config")
-    if opt.init_word is not None:
-        if personalization is not None:  # Textual Inversion: the word only starts the vector; captions keep the placeholder
-            if len(opt.init_word) > 1:
-                raise ValueError("Textual Inversion trains one concept per run; give one --init_word (and one --data_root)")
-            personalization.params.initializer_words = [opt.init_word[0]]
-        else:  # CatVersion: the word is the caption
-            train.base_class_word = opt.init_word[0] if len(opt.init_word) == 1 else opt.init_word
-    if OmegaConf.is_list(train.get("data_root")) and len(train.data_root) > 1:  # several concepts in one run
-        from ldm.data.personalized import concept_names
-
-        if personalization is not None:
-            raise ValueError("Textual Inversion trains one concept per run; give one --data_root (and one --init_word)")
-        config.model.params.concepts = concept_names(train.data_root, train.get("base_class_word"))
-    return config
 
 
 def learning_rate(config, trainer_config, ngpu, scale_lr=True):
@@ -241,7 +116,6 @@ def check_resumable(path):
 def run(opt, unknown, extra_callbacks=()):
     """Set up (and with -t, train) a run; returns (run folder, model)."""
     import pytorch_lightning as pl
-    import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -274,6 +148,7 @@ def run(opt, unknown, extra_callbacks=()):
         check_exists(opt.actual_resume)
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_config = lightning_config.get("trainer", OmegaConf.create())
+    use_gpu, ngpu = check_hardware(opt.gpus, trainer_config)
     ckptdir = os.path.join(logdir, "checkpoints")
 
     pl.seed_everything(opt.seed, verbose=False)
@@ -285,11 +160,12 @@ def run(opt, unknown, extra_callbacks=()):
     elif not opt.resume:
         print("Warning: no --actual_resume; training on a randomly initialised base model")
 
-    use_gpu = opt.gpus is not None and torch.cuda.is_available()
-    ngpu = len([g for g in str(opt.gpus).strip(",").split(",") if g.strip()]) if use_gpu else 1
     model.learning_rate, message = learning_rate(config, trainer_config, ngpu, opt.scale_lr)
     print(message)
 
+    if not opt.resume:  # the name was free when checked; another run started in the same second may have taken it
+        logdir = new_folder(logdir.rstrip("/"))
+        ckptdir = os.path.join(logdir, "checkpoints")
     os.makedirs(os.path.join(logdir, "configs"), exist_ok=True)
     project = OmegaConf.merge(config, {"run": {"actual_resume": opt.actual_resume}})
     OmegaConf.save(project, os.path.join(logdir, "configs", f"{now}-project.yaml"))

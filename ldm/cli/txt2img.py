@@ -104,26 +104,15 @@ def read_prompts(opt):
     return prompts
 
 
-def check_device(name):
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a torch device; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} but CUDA is not available here; use --device cpu")
-    return device
-
-
 def run(opt):
     from omegaconf import OmegaConf
 
     from ldm import sampling
+    from ldm.config import resolve_device
 
     # Everything that can be checked cheaply is checked before the model costs time to load and before any file is written.
     prompts = read_prompts(opt)
-    device = check_device(opt.device)
+    device = resolve_device(opt.device)
     ckpt_path = None if opt.ckpt_path.lower() == RANDOM_WEIGHTS else opt.ckpt_path
     if not os.path.isfile(opt.config):
         raise ValueError(f"config not found: {opt.config}; pass --config configs/stable-diffusion/v1-inference.yaml")
