@@ -70,8 +70,11 @@ class AdapterCheckpoint(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero:
             self.save(pl_module, "adapter", trainer.global_step)
-        # The full state (optimizer, loops, callbacks): this is the file --resume continues from.
-        atomic_write(os.path.join(self.dirpath, "last.ckpt"), lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
+        # The full state (optimizer, loops, callbacks): this is the file --resume continues from. Every rank takes
+        # part (save_checkpoint gathers the state and waits for all); only rank zero writes, so only it renames.
+        path = os.path.join(self.dirpath, "last.ckpt")
+        save = lambda tmp: trainer.save_checkpoint(tmp, weights_only=False)  # noqa: E731
+        atomic_write(path, save) if trainer.is_global_zero else save(path)
 
 
 class ImageLogger(pl.Callback):
@@ -195,6 +198,9 @@ class TrainingGuard(pl.Callback):
     adapter (a few KB, copied on the device) is kept per step, so the restored numbers are the same as with an
     immediate check. Before anything is saved (snapshots, the end of training, a signal) the pending flag is settled
     at once, so no file ever holds numbers from a non-finite step.
+
+    With several processes the loss checked is the mean over all of them, and a signal that reached any of them stops
+    all after the same step, so that every rank takes the same way out (a rank left behind would wait forever).
     """
 
     def __init__(self, adapter_checkpoint):
@@ -219,6 +225,8 @@ class TrainingGuard(pl.Callback):
     def on_before_backward(self, trainer, pl_module, loss):
         params = pl_module.trainable_parameters()
         loss = loss.detach()
+        if trainer.world_size > 1:
+            loss = trainer.strategy.reduce(loss, reduce_op="mean")
         finite = torch.isfinite(loss).all()
         event = None
         if finite.is_cuda:
@@ -234,9 +242,12 @@ class TrainingGuard(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         saves = self.adapter_checkpoint.every and step % self.adapter_checkpoint.every == 0
-        if saves or self.signal is not None or (trainer.max_steps > 0 and step >= trainer.max_steps):
+        stop = self.signal is not None
+        if trainer.world_size > 1:  # Lightning itself syncs the ranks every step, so this costs no extra wait
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if saves or stop or (trainer.max_steps > 0 and step >= trainer.max_steps):
             self.settle(pl_module)
-        if self.signal is not None:
+        if stop:
             trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module):

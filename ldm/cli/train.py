@@ -20,6 +20,9 @@ from ldm.callbacks import (AdapterCheckpoint, AdapterSummary, ContinuingCSVLogge
 from ldm.util import HelpFormatter, one_line_errors
 
 LOG_EVERY_N_STEPS = 10  # when a config sets no lightning.trainer.log_every_n_steps
+# The run folder's time stamp, handed to the other processes of a multi-process run so that all name the same folder
+# (Lightning's DDP launcher starts them by running the same command again; under SLURM export it in the job script).
+RUN_TIME_ENV = "CATVERSION_RUN_TIME"
 
 
 class TrainingStopped(Exception):
@@ -52,7 +55,8 @@ def get_parser():
     p.add_argument("--init_word", default=None, help="the concept's base class word, e.g. teddybear (the training caption)")
     p.add_argument("-l", "--logdir", default="logs", help="where run folders are made")
     p.add_argument("-s", "--seed", type=int, default=23, help="seed for everything")
-    p.add_argument("--gpus", default=None, help="GPU ids as Lightning takes them, e.g. `0,`; CPU when omitted")
+    p.add_argument("--gpus", default=None, help="GPU ids as Lightning takes them: `0,` one GPU, `0,1` two; short for "
+                   "lightning.trainer.accelerator=gpu lightning.trainer.devices=<ids> (set one or the other); CPU when omitted")
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
                    help="scale base_lr by accumulate_grad_batches * n_devices * batch_size")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -128,10 +132,14 @@ def check_targets(node, where=""):
         check_targets(child, f"{where}.{key}" if where else str(key))
 
 
-def check_trainer_keys(trainer_config):
+def _trainer_args():
     import pytorch_lightning as pl
 
-    accepted = inspect.signature(pl.Trainer).parameters
+    return inspect.signature(pl.Trainer).parameters
+
+
+def check_trainer_keys(trainer_config):
+    accepted = _trainer_args()
     for key in trainer_config:
         if key != "gpus" and key not in accepted:  # `gpus` is the reference's Lightning 1.x spelling, dropped in run()
             raise _unknown_key(f"lightning.trainer.{key}", accepted, "pytorch_lightning.Trainer")
@@ -144,6 +152,8 @@ def check_overrides(config, dotlist):
             raise ValueError(f"cannot parse argument {item!r}; overrides look like lightning.trainer.max_steps=20")
         key = item.split("=", 1)[0]
         node, parts = config, key.split(".")
+        if parts[:2] == ["lightning", "trainer"] and len(parts) == 3 and parts[2] in _trainer_args():
+            continue  # any Trainer argument may be set (issue 18); TODO(integrator): ldm/config.py does this in general
         for i, part in enumerate(parts):
             if not OmegaConf.is_dict(node) or part not in node:
                 known = list(node.keys()) if OmegaConf.is_dict(node) else []
@@ -177,7 +187,8 @@ def load_config(opt, unknown):
 
 
 def learning_rate(config, trainer_config, ngpu, scale_lr=True):
-    """The reference's rule: base_lr times the number of images per optimizer step; returns (lr, printed line)."""
+    """The reference's rule: base_lr times the number of images per optimizer step; returns (lr, printed line).
+    `ngpu` counts processes on all nodes, each with its own batch (the reference counted one node's GPUs)."""
     bs, base_lr = config.data.params.batch_size, config.model.base_learning_rate
     accumulate = trainer_config.get("accumulate_grad_batches", 1)
     if not scale_lr:
@@ -217,20 +228,42 @@ def check_resumable(path):
         raise WeightsError(f"cannot resume: {path} is not a checkpoint of a training run; pass a run folder under logs/")
 
 
+def hardware(opt, trainer_kwargs):
+    """Lightning's accelerator and devices from --gpus (the reference's flag) or from lightning.trainer, not both."""
+    gpus = trainer_kwargs.pop("gpus", None) if opt.gpus is None else opt.gpus  # the reference's config key, as --gpus
+    trainer_kwargs.pop("gpus", None)
+    if gpus is not None:
+        import torch
+
+        if "devices" in trainer_kwargs or trainer_kwargs.get("accelerator", "gpu") not in ("gpu", "cuda"):
+            raise ValueError(f"--gpus {gpus} and lightning.trainer.devices/accelerator both choose the devices; "
+                             "keep one of them")
+        if not torch.cuda.is_available():
+            raise ValueError(f"--gpus {gpus} asks for CUDA GPUs, but torch finds none here; leave out --gpus to train "
+                             "on the CPU")
+        trainer_kwargs.update(accelerator="gpu", devices=str(gpus))
+    trainer_kwargs.setdefault("accelerator", "cpu")
+    devices = trainer_kwargs.get("devices")
+    if trainer_kwargs["accelerator"] == "cpu" and isinstance(devices, int) and devices > (os.cpu_count() or 1):
+        raise ValueError(f"lightning.trainer.devices={devices} asks for {devices} CPU processes, but this machine has "
+                         f"{os.cpu_count()} cores; ask for at most that many")
+    return trainer_kwargs
+
+
 def run(opt, unknown, extra_callbacks=()):
     """Set up (and with -t, train) a run; returns (run folder, model)."""
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
     from ldm.checkpoint import check_exists, load_checkpoint_into
     from ldm.sampling import check_output_dir
     from ldm.util import instantiate_from_config
 
     # Everything cheap is checked first, so that a typo costs seconds, not a model load, and leaves no run folder.
-    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    now = os.environ.get(RUN_TIME_ENV) or datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     ckpt_path = None
     if opt.resume:
         logdir, ckpt_path = resolve_resume(opt)
@@ -252,32 +285,12 @@ def run(opt, unknown, extra_callbacks=()):
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_config = lightning_config.get("trainer", OmegaConf.create())
     ckptdir = os.path.join(logdir, "checkpoints")
-
-    pl.seed_everything(opt.seed, verbose=False)
-    data = instantiate_from_config(config.data)
-    data.setup()  # bad data fails here, before the model costs minutes to load
-    model = instantiate_from_config(config.model)
-    if opt.actual_resume:
-        load_checkpoint_into(model, opt.actual_resume)
-    elif not opt.resume:
-        print("Warning: no --actual_resume; training on a randomly initialised base model")
-
-    use_gpu = opt.gpus is not None and torch.cuda.is_available()
-    ngpu = len([g for g in str(opt.gpus).strip(",").split(",") if g.strip()]) if use_gpu else 1
-    model.learning_rate, message = learning_rate(config, trainer_config, ngpu, opt.scale_lr)
-    print(message)
-
-    os.makedirs(os.path.join(logdir, "configs"), exist_ok=True)
-    project = OmegaConf.merge(config, {"run": {"actual_resume": opt.actual_resume}})
-    OmegaConf.save(project, os.path.join(logdir, "configs", f"{now}-project.yaml"))
-    OmegaConf.save(OmegaConf.create({"lightning": lightning_config}), os.path.join(logdir, "configs", f"{now}-lightning.yaml"))
+    trainer_kwargs = hardware(opt, dict(OmegaConf.to_container(trainer_config, resolve=True)))
 
     every = lightning_config.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 250)
     adapter_checkpoint = AdapterCheckpoint(
         ckptdir, every_n_train_steps=every, base_class_word=config.data.params.train.params.get("base_class_word"))
     guard = TrainingGuard(adapter_checkpoint)
-    trainer_kwargs = dict(OmegaConf.to_container(trainer_config, resolve=True))
-    trainer_kwargs.pop("gpus", None)
     # Reading the loss for the progress bar and the loggers waits for the GPU; every 10 steps it costs little.
     trainer_kwargs.setdefault("log_every_n_steps", LOG_EVERY_N_STEPS)
     callbacks = [
@@ -294,16 +307,41 @@ def run(opt, unknown, extra_callbacks=()):
     for cb_cfg in lightning_config.get("callbacks", {}).values():
         callbacks.append(instantiate_from_config(cb_cfg))
     callbacks.extend(extra_callbacks)
-    trainer = pl.Trainer(
-        **{"max_epochs": -1, **trainer_kwargs},
-        accelerator="gpu" if use_gpu else "cpu",
-        devices=ngpu if use_gpu else 1,
-        default_root_dir=logdir,
-        callbacks=callbacks,
-        logger=[TensorBoardLogger(logdir, name="tensorboard", version=""), ContinuingCSVLogger(logdir, name="csv", version="")],
-        enable_progress_bar=True,
-        enable_model_summary=False,  # AdapterSummary above replaces Lightning's, which counts no adapter
-    )
+    try:  # built before the model loads: Lightning checks the accelerator, devices and strategy here
+        trainer = pl.Trainer(
+            **{"max_epochs": -1, **trainer_kwargs},
+            default_root_dir=logdir,
+            callbacks=callbacks,
+            logger=[TensorBoardLogger(logdir, name="tensorboard", version=""), ContinuingCSVLogger(logdir, name="csv", version="")],
+            enable_progress_bar=True,
+            enable_model_summary=False,  # AdapterSummary above replaces Lightning's, which counts no adapter
+            use_distributed_sampler=False,  # the datamodule's sampler gives each process its shard (exact --resume)
+        )
+    except (MisconfigurationException, TypeError, ValueError) as e:
+        raise ValueError(f"lightning.trainer: {_one_line(e)}") from None
+    say = print if trainer.is_global_zero else (lambda *a: None)
+
+    pl.seed_everything(opt.seed, verbose=False)
+    data = instantiate_from_config(config.data)
+    data.setup()  # bad data fails here, before the model costs minutes to load
+    model = instantiate_from_config(config.model)
+    if opt.actual_resume:
+        load_checkpoint_into(model, opt.actual_resume)
+    elif not opt.resume:
+        say("Warning: no --actual_resume; training on a randomly initialised base model")
+    model.learning_rate, message = learning_rate(config, trainer_config, trainer.world_size, opt.scale_lr)
+    say(message)
+    if trainer.world_size > 1:
+        # DDP all-reduces the gradients of registered parameters only, and the adapter is kept out of them on purpose
+        # (FrozenCLIPEmbedder): here it is registered for the run. The checkpoints hold no state_dict (LatentDiffusion).
+        model.ddp_trainable = torch.nn.ParameterList(model.trainable_parameters())
+        os.environ[RUN_TIME_ENV] = now  # for the processes Lightning starts
+
+    if trainer.is_global_zero:
+        os.makedirs(os.path.join(logdir, "configs"), exist_ok=True)
+        project = OmegaConf.merge(config, {"run": {"actual_resume": opt.actual_resume}})
+        OmegaConf.save(project, os.path.join(logdir, "configs", f"{now}-project.yaml"))
+        OmegaConf.save(OmegaConf.create({"lightning": lightning_config}), os.path.join(logdir, "configs", f"{now}-lightning.yaml"))
     if opt.train:
         restore_signals = guard.install()
         try:
@@ -317,11 +355,12 @@ def run(opt, unknown, extra_callbacks=()):
                 "lower model.base_learning_rate or check the images", 3) from None
         finally:
             restore_signals()
+            os.environ.pop(RUN_TIME_ENV, None)
         if guard.signal is not None:
             raise TrainingStopped(
                 f"interrupted at step {trainer.global_step}; adapter and resumable checkpoint saved in {ckptdir}; "
                 f"continue with: python main.py --resume {logdir}", 128 + guard.signal)
-    print(f"Run folder: {logdir}")
+    say(f"Run folder: {logdir}")
     return logdir, model
 
 
