@@ -370,7 +370,10 @@ def main(argv=None):
         try:
             return run(opt, unknown)
         except TrainingStopped as e:
-            print(f"error: {e}" if e.code == 3 else str(e), file=sys.stderr)
+            from pytorch_lightning.utilities import rank_zero_only
+
+            if rank_zero_only.rank == 0:  # every rank stops the same way; one says so
+                print(f"error: {e}" if e.code == 3 else str(e), file=sys.stderr)
             sys.exit(e.code)
 
 

@@ -90,9 +90,11 @@ class ResumableSampler(Sampler):
         if (state["length"], state.get("world_size", 1)) != (self.length, self.world_size):
             # Other pictures, repeats or processes than the checkpoint's run (deliberate or not): its order cannot go
             # on, so the next data epoch starts at once. Training goes on; not as an uninterrupted run would.
-            warnings.warn(f"the data has {self.length} items (images x repeats) in {self.world_size} process(es), the "
-                          f"checkpoint's run had {state['length']} in {state.get('world_size', 1)}: its data order "
-                          "starts a new epoch, so this run no longer continues exactly")
+            ranks = ("", "") if state.get("world_size", 1) == self.world_size else (
+                f" in {self.world_size} processes", f" in {state.get('world_size', 1)}")
+            warnings.warn(f"the data has {self.length} items (images x repeats){ranks[0]}, the checkpoint's run had "
+                          f"{state['length']}{ranks[1]}: its data order starts a new epoch, so this run no longer "
+                          "continues exactly")
             self.anchor = (state["epoch"] + 1, 0, state["consumed_batches"])
             return
         self.anchor = (state["epoch"], state["position"], state["consumed_batches"])
