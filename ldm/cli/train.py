@@ -230,8 +230,8 @@ def check_resumable(path):
 
 def hardware(opt, trainer_kwargs):
     """Lightning's accelerator and devices from --gpus (the reference's flag) or from lightning.trainer, not both."""
-    gpus = trainer_kwargs.pop("gpus", None) if opt.gpus is None else opt.gpus  # the reference's config key, as --gpus
-    trainer_kwargs.pop("gpus", None)
+    gpus = trainer_kwargs.pop("gpus", None)  # the reference's config key, read as --gpus; the flag wins
+    gpus = gpus if opt.gpus is None else opt.gpus
     if gpus is not None:
         import torch
 
@@ -341,7 +341,9 @@ def run(opt, unknown, extra_callbacks=()):
         os.makedirs(os.path.join(logdir, "configs"), exist_ok=True)
         project = OmegaConf.merge(config, {"run": {"actual_resume": opt.actual_resume}})
         OmegaConf.save(project, os.path.join(logdir, "configs", f"{now}-project.yaml"))
-        OmegaConf.save(OmegaConf.create({"lightning": lightning_config}), os.path.join(logdir, "configs", f"{now}-lightning.yaml"))
+        # --gpus is kept as the reference keeps it (trainer.gpus), so that --resume needs no flag to use the same GPUs
+        gpus = {"lightning": {"trainer": {"gpus": opt.gpus}}} if opt.gpus is not None else {}
+        OmegaConf.save(OmegaConf.merge({"lightning": lightning_config}, gpus), os.path.join(logdir, "configs", f"{now}-lightning.yaml"))
     if opt.train:
         restore_signals = guard.install()
         try:
