@@ -8,6 +8,7 @@ import datetime
 import difflib
 import glob
 import inspect
+import logging
 import os
 import sys
 
@@ -256,6 +257,7 @@ def run(opt, unknown, extra_callbacks=()):
     import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
+    from pytorch_lightning.trainer.setup import _log_device_info
     from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
     from ldm.checkpoint import check_exists, load_checkpoint_into
@@ -307,7 +309,12 @@ def run(opt, unknown, extra_callbacks=()):
     for cb_cfg in lightning_config.get("callbacks", {}).values():
         callbacks.append(instantiate_from_config(cb_cfg))
     callbacks.extend(extra_callbacks)
-    try:  # built before the model loads: Lightning checks the accelerator, devices and strategy here
+    # Built before the model loads: Lightning checks the accelerator, devices and strategy here. Its "GPU available"
+    # lines wait until the model has loaded, so that bad input (data, checkpoint) still ends as one line on stderr.
+    lightning_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)
+    try:
         trainer = pl.Trainer(
             **{"max_epochs": -1, **trainer_kwargs},
             default_root_dir=logdir,
@@ -319,6 +326,8 @@ def run(opt, unknown, extra_callbacks=()):
         )
     except (MisconfigurationException, TypeError, ValueError) as e:
         raise ValueError(f"lightning.trainer: {_one_line(e)}") from None
+    finally:
+        lightning_log.setLevel(level)
     say = print if trainer.is_global_zero else (lambda *a: None)
 
     pl.seed_everything(opt.seed, verbose=False)
@@ -329,6 +338,7 @@ def run(opt, unknown, extra_callbacks=()):
         load_checkpoint_into(model, opt.actual_resume)
     elif not opt.resume:
         say("Warning: no --actual_resume; training on a randomly initialised base model")
+    _log_device_info(trainer)
     model.learning_rate, message = learning_rate(config, trainer_config, trainer.world_size, opt.scale_lr)
     say(message)
     if trainer.world_size > 1:
