@@ -243,7 +243,7 @@ class TrainingGuard(pl.Callback):
         step = trainer.global_step
         saves = self.adapter_checkpoint.every and step % self.adapter_checkpoint.every == 0
         stop = self.signal is not None
-        if trainer.world_size > 1:  # Lightning itself syncs the ranks every step, so this costs no extra wait
+        if trainer.world_size > 1:  # a small collective per step (Lightning 2.6 already holds one for SIGTERM)
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if saves or stop or (trainer.max_steps > 0 and step >= trainer.max_steps):
             self.settle(pl_module)
