@@ -126,14 +126,3 @@ def test_bad_hardware_settings_are_one_line_before_the_model_loads(tiny_ckpt, ex
     assert e.value.code == 2 and captured.err.startswith(message) and captured.err.count("\n") == 1, captured.err
     assert "Loaded" not in captured.out and not os.listdir(tmp_path)  # no model read, no run folder
 
-
-class PoisonRank(pl.Callback):
-    """Test-only: rank `rank`'s adapter turns NaN before step `step` (a non-finite loss on one process only)."""
-
-    def __init__(self, rank, step):
-        self.rank, self.step = rank, step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_rank == self.rank and trainer.global_step == self.step:
-            with torch.no_grad():
-                pl_module.trainable_parameters()[0].fill_(float("nan"))
