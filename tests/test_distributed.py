@@ -63,7 +63,7 @@ def _run_ddp(tiny_ckpt, example_data, tmp_path, settings, *extra):
     return proc, [torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-def _check_run(proc, dumps, tmp_path, tiny_ckpt):
+def _check_run(proc, dumps, tmp_path):
     assert proc.stdout.count("Setting learning rate to 2.00e-02 = 1 (accumulate_grad_batches) * 2 (num_gpus) * 2 "
                              "(batchsize) * 5.00e-03 (base_lr)") == 1  # printed once, by rank zero
     (logdir,) = glob.glob(str(tmp_path / "logs" / "*"))  # one run folder: both ranks named the same one
@@ -92,7 +92,7 @@ def _check_run(proc, dumps, tmp_path, tiny_ckpt):
 
 def test_two_processes_from_a_config_file(tiny_ckpt, example_data, tmp_path):
     proc, dumps = _run_ddp(tiny_ckpt, example_data, tmp_path, {"accelerator": "cpu", "devices": 2, "strategy": "ddp"})
-    logdir = _check_run(proc, dumps, tmp_path, tiny_ckpt)
+    logdir = _check_run(proc, dumps, tmp_path)
     # the adapter samples in scripts/txt2img.py, and it changes the image
     common = ["--config", TINY_INFERENCE, "--ckpt_path", tiny_ckpt, "--H", "64", "--W", "64", "--ddim_steps", "2",
               "--uc_dir", str(tmp_path / "uc"), "--device", "cpu", "--prompt", "circle", "--seed", "3",
@@ -106,7 +106,7 @@ def test_two_processes_from_a_config_file(tiny_ckpt, example_data, tmp_path):
 def test_two_processes_from_overrides(tiny_ckpt, example_data, tmp_path):
     proc, dumps = _run_ddp(tiny_ckpt, example_data, tmp_path, {}, "lightning.trainer.accelerator=cpu",
                            "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp")
-    _check_run(proc, dumps, tmp_path, tiny_ckpt)
+    _check_run(proc, dumps, tmp_path)
 
 
 @pytest.mark.parametrize("extra, message", [
