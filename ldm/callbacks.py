@@ -71,8 +71,11 @@ class AdapterCheckpoint(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero:
             self.save(pl_module, "adapter", trainer.global_step)
-        # The full state (optimizer, loops, callbacks): this is the file --resume continues from.
-        atomic_write(os.path.join(self.dirpath, "last.ckpt"), lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
+        # The full state (optimizer, loops, callbacks): this is the file --resume continues from. Every rank takes
+        # part (save_checkpoint gathers the state and waits for all); only rank zero writes, so only it renames.
+        path = os.path.join(self.dirpath, "last.ckpt")
+        save = lambda tmp: trainer.save_checkpoint(tmp, weights_only=False)  # noqa: E731
+        atomic_write(path, save) if trainer.is_global_zero else save(path)
 
 
 class ImageLogger(pl.Callback):
@@ -196,6 +199,9 @@ class TrainingGuard(pl.Callback):
     adapter (a few KB, copied on the device) is kept per step, so the restored numbers are the same as with an
     immediate check. Before anything is saved (snapshots, the end of training, a signal) the pending flag is settled
     at once, so no file ever holds numbers from a non-finite step.
+
+    With several processes the loss checked is the mean over all of them, and a signal that reached any of them stops
+    all after the same step, so that every rank takes the same way out (a rank left behind would wait forever).
     """
 
     def __init__(self, adapter_checkpoint):
@@ -222,6 +228,8 @@ class TrainingGuard(pl.Callback):
         # Several concepts: each one's loss, so that a non-finite one is named.
         self._names, losses = getattr(pl_module, "concept_names", []), getattr(pl_module, "concept_losses", None)
         loss = (loss if losses is None or len(self._names) < 2 else losses).detach()
+        if trainer.world_size > 1:  # every rank sees every rank's loss, so that all stop after the same step
+            loss = trainer.strategy.reduce(loss, reduce_op="mean")
         finite = torch.isfinite(loss).all()
         event = None
         if finite.is_cuda:
@@ -237,9 +245,12 @@ class TrainingGuard(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         saves = self.adapter_checkpoint.every and step % self.adapter_checkpoint.every == 0
-        if saves or self.signal is not None or (trainer.max_steps > 0 and step >= trainer.max_steps):
+        stop = self.signal is not None
+        if trainer.world_size > 1:  # a small collective per step (Lightning 2.6 already holds one for SIGTERM)
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if saves or stop or (trainer.max_steps > 0 and step >= trainer.max_steps):
             self.settle(pl_module)
-        if self.signal is not None:
+        if stop:
             trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module):

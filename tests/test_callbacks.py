@@ -3,6 +3,7 @@ import os
 import re
 from types import SimpleNamespace
 
+import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -36,3 +37,38 @@ def test_summary_counts_textual_inversion_vectors_once(capsys):
     out = capsys.readouterr().out
     assert "Trainable params: 64 " in out  # one vector of the text encoder's width
     assert f"Frozen params: {sum(p.numel() for p in model.parameters()):,}" in out
+
+
+def _rank(world_size=2, rank=1, **strategy):
+    """A stand-in trainer of one rank of a multi-process run: its strategy answers as the other ranks would."""
+    return SimpleNamespace(world_size=world_size, global_rank=rank, is_global_zero=rank == 0, global_step=3, max_steps=10,
+                           should_stop=False, strategy=SimpleNamespace(**strategy))
+
+
+def test_guard_stops_every_rank_when_any_rank_has_a_nan_loss_or_a_signal():
+    import torch
+
+    from ldm.callbacks import AdapterCheckpoint, TrainingGuard
+
+    module = SimpleNamespace(trainable_parameters=lambda: [torch.nn.Parameter(torch.ones(2))])
+    guard = TrainingGuard(AdapterCheckpoint("unused", every_n_train_steps=0))
+    # this rank's loss is finite, another's was not: the mean over the ranks decides, the same on all
+    trainer = _rank(reduce=lambda loss, reduce_op: torch.tensor(float("nan")) if reduce_op == "mean" else None)
+    guard.on_before_backward(trainer, module, torch.tensor(0.5))
+    with pytest.raises(FloatingPointError, match=r"^the loss is nan at step 3$"):
+        guard.settle(module)
+    # no signal here, one elsewhere: this rank stops after the same step as that one
+    trainer = _rank(reduce_boolean_decision=lambda decision, all: (decision, all) == (False, False))
+    guard.on_train_batch_end(trainer, module, None, None, 0)
+    assert trainer.should_stop and guard.signal is None
+
+
+def test_only_rank_zero_writes_last_ckpt(tmp_path):
+    from ldm.callbacks import AdapterCheckpoint
+
+    saved = []
+    trainer = _rank()
+    trainer.save_checkpoint = lambda path, weights_only: saved.append(path)  # Lightning's: writes on rank zero only
+    AdapterCheckpoint(str(tmp_path)).on_train_end(trainer, None)
+    # rank 1 takes part in the save (Lightning gathers and waits there), but renames no empty file over rank 0's
+    assert saved == [str(tmp_path / "last.ckpt")] and os.listdir(tmp_path) == []

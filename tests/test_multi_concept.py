@@ -117,7 +117,7 @@ def test_a_non_finite_concept_is_named(tiny_ckpt):
             return [torch.zeros(3)]
 
     class Trainer:
-        global_step = 7
+        global_step, world_size = 7, 1
 
     guard = TrainingGuard(adapter_checkpoint=None)
     guard.on_before_backward(Trainer(), Module(), torch.tensor(float("nan")))

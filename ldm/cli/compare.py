@@ -21,7 +21,7 @@ import shutil
 import time
 
 TOY = {"ckpt_path": "models/toy/toy-sd.ckpt", "configs": "configs/toy", "prompts": "configs/prompts/toy.txt",
-       "ddim_steps": 25, "scale": 5.0, "steps": 400}
+       "ddim_steps": 25, "scale": 5.0, "steps": 800}
 SD = {"ckpt_path": "models/sd/v1-5.ckpt", "configs": "configs/stable-diffusion",
       "prompts": "configs/prompts/objects.txt", "ddim_steps": 50, "scale": 10.0, "steps": None}
 
@@ -38,7 +38,7 @@ def get_parser():
     p.add_argument("--toy", action="store_true", help="the toy world: its model, configs, prompts and metrics")
     p.add_argument("--ckpt_path", default=None, help="base model (default: models/sd/v1-5.ckpt; toy: the toy model)")
     p.add_argument("--configs", default=None, help="config folder of the base model (default: configs/stable-diffusion)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's; toy: 400)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's; toy: 800)")
     p.add_argument("--n_images", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=42, help="first sampling seed; training uses main.py's --seed 23")
     p.add_argument("--ddim_steps", type=int, default=None, help="DDIM steps (default 50; toy 25)")

@@ -6,6 +6,8 @@
 import argparse
 import datetime
 import glob
+import logging
+import shutil
 import os
 import sys
 
@@ -13,11 +15,14 @@ from omegaconf import OmegaConf
 
 from ldm.callbacks import (AdapterCheckpoint, AdapterSummary, ContinuingCSVLogger, StepProgressBar, TrainingGuard,
                            quiet_lightning)
-from ldm.config import check_hardware, load_config
+from ldm.config import _one_line, check_hardware, load_config
 from ldm.files import new_folder
 from ldm.util import HelpFormatter, one_line_errors
 
 LOG_EVERY_N_STEPS = 10  # when a config sets no lightning.trainer.log_every_n_steps
+# The run folder's time stamp, handed to the other processes of a multi-process run so that all name the same folder
+# (Lightning's DDP launcher starts them by running the same command again; under SLURM export it in the job script).
+RUN_DIR_ENV = "CATVERSION_RUN_DIR"  # rank zero's run folder, for the processes Lightning starts for the other ranks
 
 
 class TrainingStopped(Exception):
@@ -53,7 +58,8 @@ def get_parser():
                    help="the concept's base class word, e.g. teddybear (the training caption); one per --data_root folder")
     p.add_argument("-l", "--logdir", default="logs", help="where run folders are made")
     p.add_argument("-s", "--seed", type=int, default=23, help="seed for everything")
-    p.add_argument("--gpus", default=None, help="GPU ids as Lightning takes them, e.g. `0,`; CPU when omitted (an error where there is no such GPU)")
+    p.add_argument("--gpus", default=None, help="GPU ids as Lightning takes them: `0,` one GPU, `0,1` two; short for "
+                   "lightning.trainer.accelerator=gpu lightning.trainer.devices=<ids> (set one or the other); CPU when omitted, an error where there is no such GPU")
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
                    help="scale base_lr by accumulate_grad_batches * n_devices * batch_size")
     p.add_argument("--allow_any_target", action="store_true",
@@ -73,7 +79,8 @@ def take_back_overrides(opt, unknown):
 
 
 def learning_rate(config, trainer_config, ngpu, scale_lr=True):
-    """The reference's rule: base_lr times the number of images per optimizer step; returns (lr, printed line)."""
+    """The reference's rule: base_lr times the number of images per optimizer step; returns (lr, printed line).
+    `ngpu` counts processes on all nodes, each with its own batch (the reference counted one node's GPUs)."""
     bs, base_lr = config.data.params.batch_size, config.model.base_learning_rate
     accumulate = trainer_config.get("accumulate_grad_batches", 1)
     if not scale_lr:
@@ -113,16 +120,116 @@ def check_resumable(path):
         raise WeightsError(f"cannot resume: {path} is not a checkpoint of a training run; pass a run folder under logs/")
 
 
-def run(opt, unknown, extra_callbacks=()):
-    """Set up (and with -t, train) a run; returns (run folder, model)."""
+def launched_rank():
+    """This process's rank as a launcher set it before any Trainer exists (Lightning's own for the ranks it starts,
+    torchrun, SLURM); 0 when none did."""
+    return int(next((os.environ[v] for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK") if os.environ.get(v)), 0))
+
+
+def hardware(opt, trainer_kwargs):
+    """Lightning's accelerator and devices from --gpus (the reference's flag) or from lightning.trainer, not both."""
+    gpus = trainer_kwargs.pop("gpus", None)  # the reference's config key, read as --gpus; the flag wins
+    gpus = gpus if opt.gpus is None else opt.gpus
+    if gpus is not None:
+        if "devices" in trainer_kwargs or trainer_kwargs.get("accelerator", "gpu") not in ("gpu", "cuda"):
+            raise ValueError(f"--gpus {gpus} and lightning.trainer.devices/accelerator both choose the devices; "
+                             "keep one of them")
+        trainer_kwargs.update(accelerator="gpu", devices=str(gpus))
+    trainer_kwargs.setdefault("accelerator", "cpu")
+    devices = trainer_kwargs.get("devices")
+    if trainer_kwargs["accelerator"] == "cpu" and isinstance(devices, int) and devices > (os.cpu_count() or 1):
+        raise ValueError(f"lightning.trainer.devices={devices} asks for {devices} CPU processes, but this machine has "
+                         f"{os.cpu_count()} cores; ask for at most that many")
+    return trainer_kwargs
+
+
+def _build(opt, config, lightning_config, trainer_config, trainer_kwargs, logdir, ckptdir, now, extra_callbacks):
+    """The Trainer (first: Lightning checks accelerator, devices and strategy), the data, the model and the run's
+    saved configs; returns (trainer, data, model, guard, print on rank zero)."""
     import pytorch_lightning as pl
+    import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
+    from pytorch_lightning.trainer.setup import _log_device_info
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    from ldm.checkpoint import load_checkpoint_into
+    from ldm.util import instantiate_from_config
+
+    every = lightning_config.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 250)
+    adapter_checkpoint = AdapterCheckpoint(
+        ckptdir, every_n_train_steps=every, base_class_word=config.data.params.train.params.get("base_class_word"))
+    guard = TrainingGuard(adapter_checkpoint)
+    # Reading the loss for the progress bar and the loggers waits for the GPU; every 10 steps it costs little.
+    trainer_kwargs.setdefault("log_every_n_steps", LOG_EVERY_N_STEPS)
+    callbacks = [
+        guard,  # first: it settles the last step's loss check before anything below saves
+        StepProgressBar(refresh_rate=trainer_kwargs["log_every_n_steps"]),
+        *([AdapterSummary()] if trainer_kwargs.pop("enable_model_summary", True) else []),  # in place of Lightning's
+        # No version counter: AdapterCheckpoint has just written last.ckpt when this one saves it at the end, and a
+        # stray `last-v1.ckpt` beside it would be a second "last" checkpoint.
+        ModelCheckpoint(dirpath=ckptdir, filename="{epoch:06}-{step:09}", every_n_train_steps=every, save_last=True,
+                        save_top_k=-1, enable_version_counter=False),
+        adapter_checkpoint,
+    ]
+    quiet_lightning()
+    for cb_cfg in lightning_config.get("callbacks", {}).values():
+        callbacks.append(instantiate_from_config(cb_cfg))
+    callbacks.extend(extra_callbacks)
+    # Built before the model loads: Lightning checks the accelerator, devices and strategy here. Its "GPU available"
+    # lines wait until the model has loaded, so that bad input (data, checkpoint) still ends as one line on stderr.
+    lightning_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)
+    try:
+        trainer = pl.Trainer(
+            **{"max_epochs": -1, **trainer_kwargs},
+            default_root_dir=logdir,
+            callbacks=callbacks,
+            logger=[TensorBoardLogger(logdir, name="tensorboard", version=""), ContinuingCSVLogger(logdir, name="csv", version="")],
+            enable_progress_bar=True,
+            enable_model_summary=False,  # AdapterSummary above replaces Lightning's, which counts no adapter
+            use_distributed_sampler=False,  # the datamodule's sampler gives each process its shard (exact --resume)
+        )
+    except (MisconfigurationException, TypeError, ValueError) as e:
+        raise ValueError(f"lightning.trainer: {_one_line(e)}") from None
+    finally:
+        lightning_log.setLevel(level)
+    say = print if trainer.is_global_zero else (lambda *a: None)
+
+    pl.seed_everything(opt.seed, verbose=False)
+    data = instantiate_from_config(config.data)
+    data.setup()  # bad data fails here, before the model costs minutes to load
+    model = instantiate_from_config(config.model)
+    if opt.actual_resume:
+        load_checkpoint_into(model, opt.actual_resume)
+    elif not opt.resume:
+        say("Warning: no --actual_resume; training on a randomly initialised base model")
+    _log_device_info(trainer)
+    model.learning_rate, message = learning_rate(config, trainer_config, trainer.world_size, opt.scale_lr)
+    say(message)
+    if trainer.world_size > 1:
+        # DDP all-reduces the gradients of registered parameters only, and the adapter is kept out of them on purpose
+        # (FrozenCLIPEmbedder): here it is registered for the run. The checkpoints hold no state_dict (LatentDiffusion).
+        model.ddp_trainable = torch.nn.ParameterList(model.trainable_parameters())
+        os.environ[RUN_DIR_ENV] = logdir  # for the processes Lightning starts
+
+    if trainer.is_global_zero:
+        os.makedirs(os.path.join(logdir, "configs"), exist_ok=True)
+        project = OmegaConf.merge(config, {"run": {"actual_resume": opt.actual_resume}})
+        OmegaConf.save(project, os.path.join(logdir, "configs", f"{now}-project.yaml"))
+        # --gpus is kept as the reference keeps it (trainer.gpus), so that --resume needs no flag to use the same GPUs
+        gpus = {"lightning": {"trainer": {"gpus": opt.gpus}}} if opt.gpus is not None else {}
+        OmegaConf.save(OmegaConf.merge({"lightning": lightning_config}, gpus), os.path.join(logdir, "configs", f"{now}-lightning.yaml"))
+    return trainer, data, model, guard, say
+
+
+def run(opt, unknown, extra_callbacks=()):
+    """Set up (and with -t, train) a run; returns (run folder, model)."""
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from ldm.checkpoint import check_exists, load_checkpoint_into
+    from ldm.checkpoint import check_exists
     from ldm.sampling import check_output_dir
-    from ldm.util import instantiate_from_config
 
     # Everything cheap is checked first, so that a typo costs seconds, not a model load, and leaves no run folder.
     unknown = take_back_overrides(opt, unknown)
@@ -148,61 +255,28 @@ def run(opt, unknown, extra_callbacks=()):
         check_exists(opt.actual_resume)
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_config = lightning_config.get("trainer", OmegaConf.create())
-    use_gpu, ngpu = check_hardware(opt.gpus, trainer_config)
+    gpus = opt.gpus if opt.gpus is not None else trainer_config.get("gpus")
+    trainer_kwargs = hardware(opt, dict(OmegaConf.to_container(trainer_config, resolve=True)))
+    # GPU ids and accelerator names against this machine, named by the flag or key that asked for them
+    check_hardware(gpus, OmegaConf.create({} if gpus is not None else dict(trainer_kwargs)))
+    claimed = None
+    if not opt.resume:
+        if os.environ.get(RUN_DIR_ENV):  # a process Lightning started for another rank: rank zero's folder
+            logdir = os.environ[RUN_DIR_ENV]
+        elif launched_rank() == 0:  # the name was free when checked; another run started in the same second may take it
+            parent_existed = os.path.isdir(os.path.dirname(os.path.abspath(logdir)))
+            logdir = claimed = new_folder(logdir.rstrip("/"))
     ckptdir = os.path.join(logdir, "checkpoints")
+    try:
+        trainer, data, model, guard, say = _build(opt, config, lightning_config, trainer_config, trainer_kwargs, logdir,
+                                                  ckptdir, now, extra_callbacks)
+    except BaseException:
+        if claimed:  # bad input found after the folder was claimed: leave no empty run folder behind
+            shutil.rmtree(claimed, ignore_errors=True)
+            if not parent_existed:
+                shutil.rmtree(os.path.dirname(os.path.abspath(claimed)), ignore_errors=True)
+        raise
 
-    pl.seed_everything(opt.seed, verbose=False)
-    data = instantiate_from_config(config.data)
-    data.setup()  # bad data fails here, before the model costs minutes to load
-    model = instantiate_from_config(config.model)
-    if opt.actual_resume:
-        load_checkpoint_into(model, opt.actual_resume)
-    elif not opt.resume:
-        print("Warning: no --actual_resume; training on a randomly initialised base model")
-
-    model.learning_rate, message = learning_rate(config, trainer_config, ngpu, opt.scale_lr)
-    print(message)
-
-    if not opt.resume:  # the name was free when checked; another run started in the same second may have taken it
-        logdir = new_folder(logdir.rstrip("/"))
-        ckptdir = os.path.join(logdir, "checkpoints")
-    os.makedirs(os.path.join(logdir, "configs"), exist_ok=True)
-    project = OmegaConf.merge(config, {"run": {"actual_resume": opt.actual_resume}})
-    OmegaConf.save(project, os.path.join(logdir, "configs", f"{now}-project.yaml"))
-    OmegaConf.save(OmegaConf.create({"lightning": lightning_config}), os.path.join(logdir, "configs", f"{now}-lightning.yaml"))
-
-    every = lightning_config.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 250)
-    adapter_checkpoint = AdapterCheckpoint(
-        ckptdir, every_n_train_steps=every, base_class_word=config.data.params.train.params.get("base_class_word"))
-    guard = TrainingGuard(adapter_checkpoint)
-    trainer_kwargs = dict(OmegaConf.to_container(trainer_config, resolve=True))
-    trainer_kwargs.pop("gpus", None)
-    # Reading the loss for the progress bar and the loggers waits for the GPU; every 10 steps it costs little.
-    trainer_kwargs.setdefault("log_every_n_steps", LOG_EVERY_N_STEPS)
-    callbacks = [
-        guard,  # first: it settles the last step's loss check before anything below saves
-        StepProgressBar(refresh_rate=trainer_kwargs["log_every_n_steps"]),
-        *([AdapterSummary()] if trainer_kwargs.pop("enable_model_summary", True) else []),  # in place of Lightning's
-        # No version counter: AdapterCheckpoint has just written last.ckpt when this one saves it at the end, and a
-        # stray `last-v1.ckpt` beside it would be a second "last" checkpoint.
-        ModelCheckpoint(dirpath=ckptdir, filename="{epoch:06}-{step:09}", every_n_train_steps=every, save_last=True,
-                        save_top_k=-1, enable_version_counter=False),
-        adapter_checkpoint,
-    ]
-    quiet_lightning()
-    for cb_cfg in lightning_config.get("callbacks", {}).values():
-        callbacks.append(instantiate_from_config(cb_cfg))
-    callbacks.extend(extra_callbacks)
-    trainer = pl.Trainer(
-        **{"max_epochs": -1, **trainer_kwargs},
-        accelerator="gpu" if use_gpu else "cpu",
-        devices=ngpu if use_gpu else 1,
-        default_root_dir=logdir,
-        callbacks=callbacks,
-        logger=[TensorBoardLogger(logdir, name="tensorboard", version=""), ContinuingCSVLogger(logdir, name="csv", version="")],
-        enable_progress_bar=True,
-        enable_model_summary=False,  # AdapterSummary above replaces Lightning's, which counts no adapter
-    )
     if opt.train:
         restore_signals = guard.install()
         try:
@@ -216,11 +290,12 @@ def run(opt, unknown, extra_callbacks=()):
                 "lower model.base_learning_rate or check the images", 3) from None
         finally:
             restore_signals()
+            os.environ.pop(RUN_DIR_ENV, None)
         if guard.signal is not None:
             raise TrainingStopped(
                 f"interrupted at step {trainer.global_step}; adapter and resumable checkpoint saved in {ckptdir}; "
                 f"continue with: python main.py --resume {logdir}", 128 + guard.signal)
-    print(f"Run folder: {logdir}")
+    say(f"Run folder: {logdir}")
     return logdir, model
 
 
@@ -230,7 +305,10 @@ def main(argv=None):
         try:
             return run(opt, unknown)
         except TrainingStopped as e:
-            print(f"error: {e}" if e.code == 3 else str(e), file=sys.stderr)
+            from pytorch_lightning.utilities import rank_zero_only
+
+            if rank_zero_only.rank == 0:  # every rank stops the same way; one says so
+                print(f"error: {e}" if e.code == 3 else str(e), file=sys.stderr)
             sys.exit(e.code)
 
 

@@ -26,22 +26,32 @@ class ResumableSampler(Sampler):
     those were never trained on. `anchor` says where the count `anchor_batches` stood: at item `position` of data
     epoch `epoch`. A data epoch ends when its items run out (the last batch may be short), whatever epoch number
     Lightning counts; a run stopped by max_steps mid-epoch is counted as a finished epoch by Lightning.
+
+    With several processes each takes its shard of the same order, as torch's DistributedSampler does: the order padded
+    with its first items to a multiple of `world_size`, then every `world_size`-th item from `rank` on. All ranks thus
+    take the same number of batches per data epoch, and together each item (but the padding) once.
     """
 
-    def __init__(self, length, batch_size, seed, consumed_batches=None, item_seeds=True):
+    def __init__(self, length, batch_size, seed, consumed_batches=None, item_seeds=True, rank=0, world_size=1):
         self.length, self.batch_size, self.seed, self.item_seeds = length, batch_size, seed, item_seeds
+        self.rank, self.world_size = rank, world_size
         self.consumed_batches = consumed_batches or (lambda: None)
         self.anchor = (0, 0, 0)  # (epoch, position, anchor_batches)
         self._permutation = (None, None)  # (epoch, its order): one epoch's order is kept, for state_dict
 
     def __len__(self):
-        return self.length
+        return math.ceil(self.length / self.world_size)
 
     def permutation(self, epoch):
         if self._permutation[0] != epoch:
             generator = torch.Generator().manual_seed((self.seed + epoch) % 2**64)
             self._permutation = (epoch, torch.randperm(self.length, generator=generator))
         return self._permutation[1]
+
+    def shard(self, epoch):
+        order = self.permutation(epoch)
+        padded = order.repeat(math.ceil(len(self) * self.world_size / self.length))[: len(self) * self.world_size]
+        return padded[self.rank :: self.world_size]
 
     def position_after(self, batches):
         """(data epoch, item position in its order) of the next item once `batches` batches were consumed."""
@@ -50,24 +60,24 @@ class ResumableSampler(Sampler):
         if done < 0:
             raise ValueError(f"the trainer counts {batches} batches consumed, fewer than the {anchor_batches} of the "
                              "data order's last checkpoint; resume from the run's last.ckpt")
-        left = math.ceil((self.length - position) / self.batch_size)  # batches left in the anchor's epoch
+        left = math.ceil((len(self) - position) / self.batch_size)  # batches left in the anchor's epoch
         if done < left:
             return epoch, position + done * self.batch_size
-        per_epoch = math.ceil(self.length / self.batch_size)
+        per_epoch = math.ceil(len(self) / self.batch_size)
         return epoch + 1 + (done - left) // per_epoch, ((done - left) % per_epoch) * self.batch_size
 
     def __iter__(self):
         batches = self.consumed_batches()
         if batches is None:  # no trainer counts for us: every iteration is taken to be consumed whole
             epoch, position, anchor_batches = self.anchor
-            if position >= self.length:
+            if position >= len(self):
                 epoch, position = epoch + 1, 0
             self.anchor = (epoch + 1, 0, anchor_batches)
         else:
             epoch, position = self.position_after(batches)
             self.anchor = (epoch, position, batches)
         # Only to the end of this data epoch: the next iteration starts the next one.
-        order = self.permutation(epoch)[position:].tolist()
+        order = self.shard(epoch)[position:].tolist()
         return iter([(i, f"{self.seed}:{epoch}:{i}") for i in order] if self.item_seeds else order)
 
     def state_dict(self):
@@ -75,15 +85,18 @@ class ResumableSampler(Sampler):
         epoch, position = self.position_after(batches) if batches is not None else self.anchor[:2]
         batches = self.anchor[2] if batches is None else batches
         return {"seed": self.seed, "epoch": epoch, "position": position, "consumed_batches": batches,
-                "length": self.length, "permutation": self.permutation(epoch).clone()}
+                "length": self.length, "world_size": self.world_size, "permutation": self.permutation(epoch).clone()}
 
     def load_state_dict(self, state):
         self.seed = state["seed"]
-        if state["length"] != self.length:
-            # Other pictures or repeats than the checkpoint's run (deliberate or not): its order cannot go on, so the
-            # next data epoch starts at once. Training goes on; it is no longer what an uninterrupted run would do.
-            warnings.warn(f"the data has {self.length} items (images x repeats), the checkpoint's run had {state['length']}: "
-                          "its data order starts a new epoch, so this run no longer continues exactly")
+        if (state["length"], state.get("world_size", 1)) != (self.length, self.world_size):
+            # Other pictures, repeats or processes than the checkpoint's run (deliberate or not): its order cannot go
+            # on, so the next data epoch starts at once. Training goes on; not as an uninterrupted run would.
+            ranks = ("", "") if state.get("world_size", 1) == self.world_size else (
+                f" in {self.world_size} processes", f" in {state.get('world_size', 1)}")
+            warnings.warn(f"the data has {self.length} items (images x repeats){ranks[0]}, the checkpoint's run had "
+                          f"{state['length']}{ranks[1]}: its data order starts a new epoch, so this run no longer "
+                          "continues exactly")
             self.anchor = (state["epoch"] + 1, 0, state["consumed_batches"])
             return
         self.anchor = (state["epoch"], state["position"], state["consumed_batches"])
@@ -108,6 +121,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
             item_seeds = getattr(self.train_dataset, "takes_item_seeds", False)
             self.sampler = ResumableSampler(len(self.train_dataset), self.batch_size, self.seed, self._consumed_batches,
                                             item_seeds)
+        if self.trainer is not None:  # this process's shard; Lightning's DistributedSampler is off (ldm/cli/train.py)
+            self.sampler.rank, self.sampler.world_size = self.trainer.global_rank, self.trainer.world_size
 
     def _consumed_batches(self):
         """Batches the training loop has taken (restored with the loops on --resume); None outside a Trainer."""
@@ -115,17 +130,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
             return None
         return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
-    def _distributed(self):
-        return self.trainer is not None and self.trainer.world_size > 1
-
     def train_dataloader(self):
         self.setup()
         loader = {"batch_size": self.batch_size, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
                   "collate_fn": getattr(self.train_dataset, "collate", None)}
-        if self._distributed():
-            # Several processes: Lightning gives each its share through a DistributedSampler, which would wrap ours
-            # and needs every iteration to cover a whole epoch. Such runs resume at the right step, not bit for bit.
-            return DataLoader(self.train_dataset, shuffle=True, **loader)
         # Our own generator: a DataLoader without one draws its workers' base seed from the global torch stream
         # whenever it starts iterating, which --resume does at another point than an uninterrupted run.
         return DataLoader(self.train_dataset, sampler=self.sampler, generator=torch.Generator().manual_seed(self.seed % 2**64),
@@ -133,7 +141,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     # Saved in every checkpoint (Lightning calls these with the LightningModule's hooks): where the data order stands.
     def state_dict(self):
-        return {"sampler": self.sampler.state_dict()} if self.sampler is not None and not self._distributed() else {}
+        return {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
 
     def load_state_dict(self, state):
         if "sampler" in state:
