@@ -96,7 +96,7 @@ def test_resume_continues_at_next_step_with_same_state(tiny_ckpt, example_data, 
     state, ref = seen["opt"]["state"][0], held["opt"]["state"][0]
     for key in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(state[key], ref[key]), key
-    final = torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=False)
+    final = torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=True)
     assert final["global_step"] == 6
     # the CSV log keeps the rows from before the interruption (Lightning alone would have deleted them)
     with open(os.path.join(logdir, "csv", "metrics.csv")) as f:
