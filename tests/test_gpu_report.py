@@ -29,7 +29,7 @@ def test_dry_run_on_cpu_writes_every_section(tmp_path):
     assert all(row["step_s"] > 0 and row["peak_mb"] > 0 for row in train.values())
     assert data["diffusers"]["diffusers UNet alone (fp32)"]["step_s"] > 0
     smoke = data["fast_options"]
-    assert list(smoke) == ["fp32", "channels_last", "gradient_checkpointing", "bf16", "auto", "all_ok"] and smoke["all_ok"]
+    assert list(smoke) == ["fp32", "channels_last", "gradient_checkpointing", "auto", "bf16", "all_ok"] and smoke["all_ok"]
     assert all(len(row["losses"]) == 3 for name, row in smoke.items() if name != "all_ok")
     assert smoke["auto"]["max_rel_diff"] == 0.0  # "auto" is fp32 with nothing on, on a CPU
     # many concepts: the speed-up is computed from the step times it reports
@@ -79,6 +79,6 @@ def test_fast_path_options_on_cuda(tiny_finetune_model):
 
     model = tiny_finetune_model.to("cuda").train()
     rows = training.check_fast_options(model, training.make_batch(2, 64, 64, model.device), with_compile=True)
-    assert list(rows) == ["fp32", "channels_last", "gradient_checkpointing", "compile", "bf16", "auto"]
+    assert list(rows) == ["fp32", "channels_last", "gradient_checkpointing", "compile", "auto", "bf16"]
     assert all(row["ok"] for row in rows.values()), rows
     assert rows["auto"]["max_rel_diff"] > 0  # "auto" switched bf16 on: the numbers did change
