@@ -169,7 +169,8 @@ def measure_diffusers_unet(unet, model, batch_size, H, W, steps, warmup, bf16):
 def option_variants(with_compile):
     """The fp32 fast path with nothing else on, then each option alone, all "auto" (bf16 on CUDA) and bf16 last (they
     leave the UNet's weights rounded to bf16). Each with the loss tolerance, relative to the fp32 path's, it must meet:
-    measured on a CPU (tiny model, 3 steps) 2e-7 to 4e-7 for channels-last, 0 for checkpointing, 8e-4 to 3e-3 for bf16; not yet on a GPU."""
+    measured on a CPU (tiny model, 3 steps) 2e-7 to 4e-7 for channels-last, 0 for checkpointing, 8e-4 to 3e-3 for
+    bf16; not yet on a GPU."""
     base = {**fast("fp32", False), "channels_last": False}
     variants = [("fp32", base, 0.0), ("channels_last", {**base, "channels_last": True}, 1e-4),
                 ("gradient_checkpointing", {**base, "gradient_checkpointing": True}, 1e-4)]
