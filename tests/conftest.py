@@ -19,6 +19,8 @@ TINY_INFERENCE = "configs/tiny/v1-inference.yaml"
 TINY_FINETUNE = "configs/tiny/v1-finetune.yaml"
 TOY_INFERENCE = "configs/toy/v1-inference.yaml"
 TOY_CKPT = "models/toy/toy-sd.ckpt"  # shipped: the toy world's trained model (scripts/train_toy_base.py)
+# The name pickle records for the builtin open, which a refused pickle "would call": io.open up to 3.11, _io.open after.
+PICKLED_OPEN = f"{open.__module__}.{open.__qualname__}"
 REFERENCE_KEYS = "tests/data/sd-v1-5-unet-vae-keys.json"  # the real SD v1.5 UNet and VAE keys and shapes
 
 

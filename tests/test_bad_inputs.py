@@ -42,7 +42,7 @@ from ldm.util import instantiate_from_config
 from ldm.cli import evaluate
 from ldm.cli.txt2img import main as txt2img_main
 
-from .conftest import TINY_FINETUNE, TINY_INFERENCE
+from .conftest import PICKLED_OPEN, TINY_FINETUNE, TINY_INFERENCE
 
 PROMPT = "circle on a green background"
 
@@ -257,7 +257,7 @@ def _main_case(case, argv, t, ckpts):
             "wrong shape": ("wrong_shape", "shape mismatch for model.diffusion_model.out.2.weight: checkpoint "
                                            "(4, 64, 3, 3), model (4, 32, 3, 3); the checkpoint was made for another model size"),
             "SD 2.x": ("sd2", "is an SD 2.x/SDXL checkpoint (OpenCLIP text encoder); this project needs SD v1.x"),
-            "pickle carrying code": ("runs_code", "refused because unpickling them could run code (it would call io.open); "
+            "pickle carrying code": ("runs_code", f"refused because unpickling them could run code (it would call {PICKLED_OPEN}); "
                                                   "convert it to .safetensors"),
         }[case[len("--actual_resume "):]]
         return _replace(argv, "--actual_resume", ckpts[kind]), message
@@ -270,7 +270,7 @@ def _main_case(case, argv, t, ckpts):
         run = _fake_run(t, _saved({"global_step": 4, "payload": _RunsCode(str(t / "pwned"))}))
         return ["-t", "--resume", run], (f"cannot resume: {run}/checkpoints/last.ckpt holds pickled Python objects "
                                          "beyond tensors, which are refused because unpickling them could run code (it "
-                                         "would call io.open); pass an earlier checkpoints/*.ckpt of the run to --resume")
+                                         f"would call {PICKLED_OPEN}); pass an earlier checkpoints/*.ckpt of the run to --resume")
     raise AssertionError(case)
 
 
@@ -445,7 +445,7 @@ TXT2IMG_ERRORS = [
     ("--ckpt_path wrong shape", "--ckpt_path", "wrong_shape", "shape mismatch for model.diffusion_model.out.2.weight"),
     ("--ckpt_path SD 2.x", "--ckpt_path", "sd2", "is an SD 2.x/SDXL checkpoint"),
     ("--ckpt_path pickle carrying code", "--ckpt_path", "runs_code",
-     "refused because unpickling them could run code (it would call io.open)"),
+     f"refused because unpickling them could run code (it would call {PICKLED_OPEN})"),
     ("adapter for a wider text encoder", "--embedding_path", "wide",
      "was made for a text encoder of width 128 with 4 heads, this one has width 64 with 4 heads"),
     ("adapter for a deeper text encoder", "--embedding_path", "deep",
@@ -528,7 +528,7 @@ def _evaluate_case(case, t):
         torch.save({"w": torch.zeros(1), "payload": _RunsCode(str(t / "pwned"))}, t / "evil.bin")
         return evaluate_argv(t, "evil.bin"), (f"{t / 'evil.bin'} holds pickled Python objects beyond tensors, which "
                                               "are refused because unpickling them could run code (it would call "
-                                              "io.open); pass an open_clip state dict")
+                                              f"{PICKLED_OPEN}); pass an open_clip state dict")
     raise AssertionError(case)
 
 

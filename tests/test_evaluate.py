@@ -211,17 +211,28 @@ def test_masked_view_rule():
 
 def test_compute_metrics_takes_mask_dicts(tiny_weights):
     # Masks straight from code (as a future attention-map script will pass them), lower resolution than the images.
-    clip = clip_metrics.load_clip(TINY, tiny_weights)
+    clip = clip_metrics.load_clip(TINY, tiny_weights)  # its defaults, QuickGELU included, are under test too
     rng = np.random.default_rng(5)
     refs = {"a": _random_image(rng), "b": _random_image(rng)}
     gens = {"x": _random_image(rng)}
     half = np.zeros((24, 24), dtype=bool)
     half[4:20, 6:18] = True
     result = clip_metrics.compute_metrics(clip, refs, gens, PROMPT, {"a": half, "b": half}, {"x": half}, batch_size=1)
-    views = [clip_metrics.masked_view(img, half) for img in [*refs.values(), *gens.values()]]
+
+    # By hand: the mask covers rows 8-39, columns 12-35 of the 48x48 images; that 32x24 crop is centred in a 32x32
+    # square of CLIP's mean colour. The model is built here with QuickGELU, as OpenAI's ViT-B/32 uses.
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY, pretrained=str(tiny_weights),
+                                                                 force_quick_gelu=True)
+    views = []
+    for image in [*refs.values(), *gens.values()]:
+        square = np.empty((32, 32, 3), dtype=np.uint8)
+        square[:] = (123, 117, 104)
+        square[:, 4:28] = np.asarray(image)[8:40, 12:36]
+        views.append(preprocess(Image.fromarray(square)))
     with torch.no_grad():
-        feats = F.normalize(clip.model.encode_image(torch.stack([clip.preprocess(v) for v in views])), dim=-1)
-    assert result["masked_clip_i"] == pytest.approx(float((feats[:2] @ feats[2]).mean()), abs=1e-6)
+        feats = F.normalize(model.eval().encode_image(torch.stack(views)), dim=-1)
+    expected = float((feats[:2] @ feats[2]).mean())
+    assert result["masked_clip_i"] == pytest.approx(expected, abs=1e-6)  # measured 0.0 (of 0.96)
     with pytest.raises(ValueError, match="no mask for reference image 'b'"):
         clip_metrics.compute_metrics(clip, refs, gens, PROMPT, {"a": half}, {"x": half})
     with pytest.raises(ValueError, match="only one side"):

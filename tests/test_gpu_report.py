@@ -20,7 +20,7 @@ def test_dry_run_on_cpu_writes_every_section(tmp_path):
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((out / "gpu_report.json").read_text())
-    for section in ("environment", "training", "diffusers", "profile", "concepts", "sampling", "lightning_run", "loading",
+    for section in ("environment", "training", "fast_options", "diffusers", "profile", "concepts", "sampling", "lightning_run", "loading",
                     "lightning_every_step"):
         assert "error" not in data[section] and "skipped" not in data[section], (section, data[section])
     train = data["training"]
@@ -28,6 +28,10 @@ def test_dry_run_on_cpu_writes_every_section(tmp_path):
                           "fast fp32 + TF32"}
     assert all(row["step_s"] > 0 and row["peak_mb"] > 0 for row in train.values())
     assert data["diffusers"]["diffusers UNet alone (fp32)"]["step_s"] > 0
+    smoke = data["fast_options"]
+    assert list(smoke) == ["fp32", "channels_last", "gradient_checkpointing", "auto", "bf16", "all_ok"] and smoke["all_ok"]
+    assert all(len(row["losses"]) == 3 for name, row in smoke.items() if name != "all_ok")
+    assert smoke["auto"]["max_rel_diff"] == 0.0  # "auto" is fp32 with nothing on, on a CPU
     # many concepts: the speed-up is computed from the step times it reports
     c1, c2 = data["concepts"]["1"], data["concepts"]["2"]
     assert c2["images_per_step"] == 4 and c2["speedup_vs_sequential"] == pytest.approx(2 * c1["step_s"] / c2["step_s"])
@@ -41,7 +45,7 @@ def test_dry_run_on_cpu_writes_every_section(tmp_path):
         assert data["loading"][fmt]["weights_mb"] > 0 and data["loading"][fmt]["load_s"] > 0
     assert data["compile: fast bf16 + compile"] == {"skipped": "--no-compile"}
     md = (out / "gpu_report.md").read_text()
-    for heading in ("## Training step", "## Sampling", "## Many concepts", "## A whole concept", "## Loading"):
+    for heading in ("## Training step", "## Fast-path options", "## Sampling", "## Many concepts", "## A whole concept", "## Loading"):
         assert heading in md
     assert "| reference |" in md and "| fast bf16 |" in md and "| diffusers UNet alone (fp32) |" in md
 
@@ -64,4 +68,17 @@ def test_unknown_section_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: unknown --sections ['sampl']; choose from "
-        "training,diffusers,profile,concepts,sampling,lightning_run,loading,lightning_every_step,compile"]
+        "training,fast_options,diffusers,profile,concepts,sampling,lightning_run,loading,lightning_every_step,compile"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the GPU-only options (compile, the \"auto\" choices)")
+def test_fast_path_options_on_cuda(tiny_finetune_model):
+    """The gpu_report's smoke section on the tiny model: compile, bf16, channels-last, checkpointing and "auto" each
+    train a few steps with finite losses within their tolerance of the fp32 path's."""
+    from ldm.perf import training
+
+    model = tiny_finetune_model.to("cuda").train()
+    rows = training.check_fast_options(model, training.make_batch(2, 64, 64, model.device), with_compile=True)
+    assert list(rows) == ["fp32", "channels_last", "gradient_checkpointing", "compile", "auto", "bf16"]
+    assert all(row["ok"] for row in rows.values()), rows
+    assert rows["auto"]["max_rel_diff"] > 0  # "auto" switched bf16 on: the numbers did change

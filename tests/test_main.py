@@ -85,7 +85,7 @@ def test_resume_continues_at_next_step_with_same_state(tiny_ckpt, example_data, 
     logdir, _ = main.run(opt, unknown, extra_callbacks=[first])
     held = first.seen["end"]  # what the interrupted run held in memory, not what its file says
     assert held["step"] == 4
-    assert torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=False)["global_step"] == 4
+    assert torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=True)["global_step"] == 4
 
     resumed = Probe()
     opt, unknown = main.get_parser().parse_known_args(["-t", "--resume", logdir, "lightning.trainer.max_steps=6"])
@@ -96,7 +96,7 @@ def test_resume_continues_at_next_step_with_same_state(tiny_ckpt, example_data, 
     state, ref = seen["opt"]["state"][0], held["opt"]["state"][0]
     for key in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(state[key], ref[key]), key
-    final = torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=False)
+    final = torch.load(os.path.join(logdir, "checkpoints", "last.ckpt"), weights_only=True)
     assert final["global_step"] == 6
     # the CSV log keeps the rows from before the interruption (Lightning alone would have deleted them)
     with open(os.path.join(logdir, "csv", "metrics.csv")) as f:

@@ -4,9 +4,13 @@ import re
 import subprocess
 import sys
 import sysconfig
-import tomllib
 
 import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (we declare >= 3.10): pytest itself depends on tomli there
+    import tomli as tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

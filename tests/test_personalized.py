@@ -15,9 +15,16 @@ def test_captions_sizes_and_range(example_data):
     assert len(ds2) == 5 and ds2[0]["caption"] == "a photo of a circle"
 
 
-def test_flip_mirrors(example_data):
-    ds = PersonalizedBase(example_data, size=32, base_class_word="circle")
-    assert np.array_equal(ds.prepare(1, flip=True), ds.prepare(1, flip=False)[:, ::-1])
+def test_flip_mirrors(tmp_path):
+    # Noise, not the example circles: a mirror-symmetric picture equals its own mirror image whether flipped or not.
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "noise.png")
+    ds = PersonalizedBase(str(tmp_path), size=32, base_class_word="circle")
+    expected = pixels.astype(np.float32) / 127.5 - 1
+    assert np.array_equal(ds.prepare(0, flip=False), expected)
+    assert np.array_equal(ds.prepare(0, flip=True), expected[:, ::-1])
 
 
 def test_folder_errors(tmp_path):

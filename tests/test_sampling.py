@@ -104,6 +104,20 @@ def test_uncacheable_models_and_unwritable_caches_still_work(tiny_model, tmp_pat
     assert torch.equal(again, uc)
 
 
+@torch.no_grad()
+def test_unconditional_embedding_is_the_empty_prompt_without_adapter(tiny_finetune_model, tmp_path):
+    """The reference samples with uc from the plain text encoder: the empty prompt through the formula written out in
+    tests/test_concat_kv.py with no extra K/V, though the model carries an adapter."""
+    from .test_concat_kv import reference_conditioning
+
+    enc = tiny_finetune_model.cond_stage_model
+    tiny_finetune_model.base_fingerprint = None  # nothing cached: computed here
+    uc = sampling.unconditional_embedding(tiny_finetune_model, str(tmp_path))
+    expected = reference_conditioning(enc.transformer, enc.tokenize([""]), {})
+    assert (uc - expected).abs().max() < 1.5e-5  # measured 1.4e-6
+    assert (tiny_finetune_model.get_learned_conditioning([""]) - expected).abs().max() > 1e-2  # the adapter acts (3.3)
+
+
 def test_generate_as_the_demo_calls_it(tiny_model, tmp_path):
     options = sampling.SamplingOptions(H=64, W=64, ddim_steps=2, seed=11, n_iter=2)
     kwargs = dict(options=options, progress=False, uc_dir=str(tmp_path / "uc"))

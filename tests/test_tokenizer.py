@@ -40,6 +40,9 @@ def test_ids_match_open_clip_simple_tokenizer():
     assert not mismatched
     assert ours[:, 0].eq(49406).all()
     assert ours[PROMPTS.index("")].tolist() == [49406] + [49407] * 76
+    # A batch of short prompts alone is padded to 77 too (SD v1's UNet was trained on 77 context tokens).
+    short = ["a", "a photo of a teddybear"]
+    assert torch.equal(FrozenCLIPEmbedder(text_config=TINY_TEXT).tokenize(short), open_clip_ids(short))
 
 
 def test_vocabulary_is_complete():

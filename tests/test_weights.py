@@ -14,7 +14,7 @@ from ldm.modules.embedding_manager import read_embeddings
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.weights import WeightsError, load, read_safetensors, read_tensors
 
-from .conftest import TINY_INFERENCE
+from .conftest import PICKLED_OPEN, TINY_INFERENCE
 
 
 class _RunsCode:
@@ -50,7 +50,7 @@ def test_every_reader_refuses_pickled_code_with_the_one_message(reader, call, tm
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _RunsCode(call, str(marker))}, path)
     with pytest.raises(WeightsError) as e:
         read(str(path))
-    wanted = "posix.system" if call == "os.system" else "io.open"
+    wanted = "posix.system" if call == "os.system" else PICKLED_OPEN
     assert f"{path} holds pickled Python objects beyond tensors, which are refused because unpickling them could run " \
            f"code (it would call {wanted}); " in str(e.value) and "\n" not in str(e.value)
     assert not marker.exists()

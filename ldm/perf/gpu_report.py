@@ -19,7 +19,7 @@ from ldm.perf import lightning_run, loading, sampling, training
 from ldm.perf.device import synchronize
 from ldm.util import atomic_write, instantiate_from_config
 
-SECTIONS = ("training", "diffusers", "profile", "concepts", "sampling", "lightning_run", "loading", "lightning_every_step", "compile")
+SECTIONS = ("training", "fast_options", "diffusers", "profile", "concepts", "sampling", "lightning_run", "loading", "lightning_every_step", "compile")
 GOALS = {
     "train_speedup": 3.0,  # fast path / reference-equivalent path, 512x512 batch 2
     "train_peak_mb": 6144,  # peak training memory at batch 2
@@ -111,6 +111,13 @@ def training_section(model, opt, variants):
                 torch.cuda.empty_cache()
         print(f"  {variant.name:40s} {json.dumps(out[variant.name], default=str)}", flush=True)
     return out
+
+
+def fast_options_section(model, opt):
+    """Smoke test: a few steps under each fast-path option (compile with --compile) against the fp32 path's losses."""
+    rows = training.check_fast_options(model, training.make_batch(opt.batch_size, opt.H, opt.W, model.device),
+                                       with_compile=opt.compile)
+    return {**rows, "all_ok": all(row["ok"] for row in rows.values())}
 
 
 def diffusers_section(model, config, opt, bf16):
@@ -224,6 +231,14 @@ def markdown(data):
             lines.append(f"| {name} | {_ms(row['step_s'])} | {1 / row['step_s']:.2f} | {_mb(row['peak_mb'])} | {speed} | "
                          f"{row['warmup_s']:.1f} |")
         lines.append("")
+    smoke = data.get("fast_options", {})
+    if "all_ok" in smoke:
+        lines += ["## Fast-path options: a few training steps each against the fp32 path", "",
+                  "| option | losses | max relative difference | tolerance | ok |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {name} | {', '.join(f'{x:.4f}' for x in row['losses'])} | {row['max_rel_diff']:.1e} | "
+                  f"{row['tolerance']:.0e} | {'yes' if row['ok'] else '**NO**'} |"
+                  for name, row in smoke.items() if name != "all_ok"]
+        lines.append("")
     prof = data.get("profile", {})
     if prof.get("top_host"):
         busy = prof.get("device_busy_s_per_step")
@@ -332,6 +347,7 @@ def run(opt):
     cuda = device.type == "cuda"
     best = training.Variant("fast bf16" if cuda else "fast fp32", training.fast("bf16" if cuda else "fp32", False))
     section("training", 0, training_section, model, opt, training.standard_variants(with_compile=False))
+    section("fast_options", 0, fast_options_section, model, opt)
     section("diffusers", 0, diffusers_section, model, config, opt, best.fast["precision"] == "bf16")
     section("profile", 0, profile_section, model, opt, best)
     section("concepts", 0, concepts_section, model, opt, best, opt.concepts)
