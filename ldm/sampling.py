@@ -72,7 +72,7 @@ def prompt_names(prompts):
 # --- checks that run before anything is loaded or written --------------------------------------------------------
 @dataclass(frozen=True)
 class SamplingOptions:
-    """What the sampler is asked to do, named as the reference's txt2img flags: one object from the command line to
+    """What the sampler is asked to do, named after the reference's txt2img flags: one object from the command line to
     the sampler. Iteration i of a prompt uses seed `seed + i`; `noise_device` is where x_T is drawn (see
     `sample_images`)."""
 

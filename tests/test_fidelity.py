@@ -29,9 +29,9 @@ def test_training_on_their_photos_with_and_without_the_authors_preset(preset, ti
     seen = []
     original = LatentDiffusion.get_training_conditioning
 
-    def spy(model, captions):  # the captions the model encodes for a training step
+    def spy(model, captions, *rest, **kwargs):  # the captions the model encodes for a training step
         seen.append((list(captions), dict(model.fast)))
-        return original(model, captions)
+        return original(model, captions, *rest, **kwargs)
 
     monkeypatch.setattr(LatentDiffusion, "get_training_conditioning", spy)
     base = [TINY_FINETUNE, "configs/authors.yaml"] if preset else [TINY_FINETUNE]

@@ -218,7 +218,7 @@ def _build(opt, config, lightning_config, trainer_config, trainer_kwargs, logdir
         os.makedirs(os.path.join(logdir, "configs"), exist_ok=True)
         project = OmegaConf.merge(config, {"run": {"actual_resume": opt.actual_resume}})
         OmegaConf.save(project, os.path.join(logdir, "configs", f"{now}-project.yaml"))
-        # --gpus is kept as the reference keeps it (trainer.gpus), so that --resume needs no flag to use the same GPUs
+        # --gpus is kept in the run config under the reference's key (trainer.gpus), so that --resume needs no flag to use the same GPUs
         gpus = {"lightning": {"trainer": {"gpus": opt.gpus}}} if opt.gpus is not None else {}
         OmegaConf.save(OmegaConf.merge({"lightning": lightning_config}, gpus), os.path.join(logdir, "configs", f"{now}-lightning.yaml"))
     return trainer, data, model, guard, say
