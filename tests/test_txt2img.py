@@ -411,10 +411,14 @@ def test_authors_preset_is_their_sampler_and_explicit_flags_win(tiny_ckpt, tmp_p
     uc = torch.randn(1, 77, width, generator=torch.Generator().manual_seed(6))
     torch.save(uc, tmp_path / "uc.pt")
     spy = SamplerSpy(monkeypatch)
-    for flag in ("torch.backends.cuda.matmul.allow_tf32", "torch.backends.cudnn.allow_tf32"):  # put back afterwards
-        monkeypatch.setattr(flag, False)
-    run(tiny_ckpt, tmp_path / "out", "--prompt", PROMPT, "--authors", "--uc_path", str(tmp_path / "uc.pt"))
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    # Saved and put back by hand: cuBLAS's flag is no plain attribute, which monkeypatch cannot always restore.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        run(tiny_ckpt, tmp_path / "out", "--prompt", PROMPT, "--authors", "--uc_path", str(tmp_path / "uc.pt"))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     assert sorted(os.listdir(tmp_path / "out" / NAME)) == [f"{NAME}.jpg", f"{NAME}_8888.jpg", f"{NAME}_8889.jpg"]
     assert len(spy.calls) == 2 and all(torch.equal(c["uc"], uc) for c in spy.calls)
 
