@@ -9,12 +9,10 @@ import json
 import math
 import os
 import statistics
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from ldm import report
-from ldm.files import atomic_write
 from ldm.images import list_images
 
 # Metric keys in table order, with the names papers use. CLIP-T is scored on the prompt as a base model would read
@@ -73,9 +71,7 @@ def cell_path(out, method, concept):
 
 
 def write_cell(out, method, concept, cell):
-    path = cell_path(out, method, concept)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(cell, indent=1) + "\n"))
+    report.write_files({cell_path(out, method, concept): json.dumps(cell, indent=1) + "\n"})
 
 
 def read_cell(out, method, concept):
