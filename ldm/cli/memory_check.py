@@ -4,12 +4,12 @@
     python scripts/memory_check.py --steps 1000 --early 100
 """
 import argparse
-import resource
 import sys
 import tempfile
 
 import pytorch_lightning as pl
 
+from ldm.perf.device import host_mb
 from ldm.util import HelpFormatter, one_line_errors
 
 
@@ -22,9 +22,7 @@ class Memory(pl.Callback):
 
     def on_train_batch_end(self, trainer, *_):
         if trainer.global_step in self.steps:
-            with open("/proc/self/statm") as f:
-                current = int(f.read().split()[1]) * resource.getpagesize() / 2**20
-            self.at[trainer.global_step] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, current)
+            self.at[trainer.global_step] = (host_mb("VmHWM:"), host_mb("VmRSS:"))
 
 
 def main(argv=None):
