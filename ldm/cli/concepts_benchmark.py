@@ -3,10 +3,9 @@
     python scripts/concepts_benchmark.py --config configs/toy/v1-finetune.yaml --ckpt models/toy/toy-sd.ckpt \\
         --counts 1 2 4 8 --steps 30 --every 10 --out bench/concepts-toy
 
-Each N is one real run timed by `ldm/perf/lightning_run.py` (random photos, sample grids off); a run of
+Each N is one real run timed by `ldm/perf/lightning_run.py` (noise photos, sample grids off); a run of
 `--train_steps` steps is projected as its fixed cost plus that many steady steps. N sequential runs take N times the
-one-concept run (the same work each), so their concepts per hour are the one-concept run's whatever N. Peak memory
-is the run's peak resident set. Writes <out>.json and <out>.png.
+one-concept run, so their concepts per hour are the one-concept run's whatever N. Writes <out>.json and <out>.png.
 """
 import argparse
 import json
@@ -39,34 +38,8 @@ def measure_run(opt, n, workdir):
     return {"concepts": n, **row, "projected_s": row["fixed_s"] + opt.train_steps * row["step_s"]}
 
 
-def plot(rows, title):
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.4, 3.8), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    counts = [r["concepts"] for r in rows]
-    axes.plot(counts, [r["concepts_per_hour"] for r in rows], "o-", label="N concepts in one run")
-    axes.plot(counts, [r["sequential_concepts_per_hour"] for r in rows], "s--", label="N sequential one-concept runs")
-    for r in rows:
-        axes.annotate(f"{r['speedup']:.2f}x", (r["concepts"], r["concepts_per_hour"]), textcoords="offset points",
-                      xytext=(0, 6), ha="center", fontsize=8)
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(counts, [str(c) for c in counts])
-    axes.set(xlabel="concepts N", ylabel="concepts per hour")
-    axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
 def run(opt):
-    from ldm.report import write_files
+    from ldm.report import bar_chart, write_files
 
     if opt.counts[0] != 1 or any(n < 1 for n in opt.counts):
         raise ValueError(f"--counts {opt.counts} must start with 1 (the sequential runs' yardstick) and be >= 1")
@@ -89,8 +62,11 @@ def run(opt):
               f"{r['sequential_concepts_per_hour']:.1f} sequential ({r['speedup']:.2f}x), peak {r['peak_mb']:.0f} MB")
     result = {"config": opt.config, "ckpt": opt.ckpt, "steps_measured": opt.steps, "train_steps": opt.train_steps,
               "gpus": opt.gpus, "rows": rows}
-    title = f"{opt.config}: concepts per hour, {opt.train_steps}-step runs"
-    write_files({opt.out + ".json": json.dumps(result, indent=2), opt.out + ".png": plot(rows, title)})
+    chart = bar_chart([f"N={r['concepts']}" for r in rows], {
+        "N concepts in one run": [r["concepts_per_hour"] for r in rows],
+        "N sequential one-concept runs": [r["sequential_concepts_per_hour"] for r in rows]},
+        title=f"{opt.config}: concepts per hour, {opt.train_steps}-step runs", ylabel="concepts per hour", fmt="%.1f")
+    write_files({opt.out + ".json": json.dumps(result, indent=2), opt.out + ".png": chart})
     return result
 
 

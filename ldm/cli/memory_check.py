@@ -41,7 +41,8 @@ def main(argv=None):
             make_example_data.main(["--out", f"{t}/data"])
             args = ["--base", "configs/tiny/v1-finetune.yaml", "-t", "--actual_resume", f"{t}/tiny.ckpt",
                     "--data_root", f"{t}/data", "--init_word", "circle", "-l", f"{t}/logs",
-                    f"lightning.trainer.max_steps={opt.steps}", "lightning.callbacks.image_logger.params.batch_frequency=0"]
+                    f"lightning.trainer.max_steps={opt.steps}",
+                    "lightning.callbacks.image_logger.params.batch_frequency=0"]
             probe = Memory((opt.early, opt.steps))
             train.run(*train.get_parser().parse_known_args(args), extra_callbacks=[probe])
         growths = []

@@ -10,23 +10,19 @@ def cuda(device):
 
 
 def reset_peak(device):
+    """Start a new peak of the host's resident set and, on a GPU, of CUDA's allocations."""
     if cuda(device):
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        reset_host_peak()
-
-
-def peak_mb(device):
-    """MiB: CUDA max allocated since the last reset, or the host's peak resident set (weights and libraries included)."""
-    return torch.cuda.max_memory_allocated(device) / 2**20 if cuda(device) else host_mb("VmHWM:")
-
-
-def reset_host_peak():
     try:  # "5" resets the peak resident set to the current one; where it is refused the peak is the process's
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
+
+
+def peak_mb(device):
+    """MiB: CUDA max allocated since the last reset, or the host's peak resident set (libraries included)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if cuda(device) else host_mb("VmHWM:")
 
 
 def host_mb(field):

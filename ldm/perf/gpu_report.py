@@ -1,9 +1,6 @@
-"""What a user's GPU will do: one command that measures training, sampling, many concepts and loading, and writes
-JSON and a markdown table. The sections run in order of importance, each within what is left of a time budget, and
-the report is rewritten after each one, so a run cut short still leaves every figure it took.
-
-Weights are random (a network's speed does not depend on its weight values), built from the config's shapes.
-"""
+"""The GPU report's sections and its markdown: they run in order of importance, each within what is left of a time
+budget, and the report is rewritten after each one, so a run cut short still leaves every figure it took. Weights
+are random (a network's speed does not depend on their values), built from the config's shapes."""
 import importlib.metadata
 import json
 import os
@@ -24,13 +21,10 @@ SECTIONS = ("training", "fast_options", "diffusers", "profile", "concepts", "sam
             "lightning_every_step", "compile")
 # Seconds of the budget a section needs, or it is skipped: a whole main.py run, each format loaded, one compilation.
 NEEDS_S = {"lightning_run": 120, "lightning_every_step": 120, "loading": 90, "compile": 150}
-GOALS = {
-    "train_speedup": 3.0,  # fast path / reference-equivalent path, 512x512 batch 2
-    "train_peak_mb": 6144,  # peak training memory at batch 2
-    "thousand_steps_s": 90,  # a whole 1000-step concept
-    "sampling_ratio": 1.05,  # ours / diffusers' pipeline, 50 guided DDIM steps
-    "concepts_speedup_8": 3.0,  # concepts per hour, 8 in one run against 8 sequential runs
-}
+# Training: fast / reference step time and peak MB at 512x512 batch 2, seconds of a 1000-step concept; sampling:
+# ours / diffusers' pipeline; concepts per hour of 8 in one run against 8 sequential runs.
+GOALS = {"train_speedup": 3.0, "train_peak_mb": 6144, "thousand_steps_s": 90, "sampling_ratio": 1.05,
+         "concepts_speedup_8": 3.0}
 
 
 def environment(device):
@@ -164,9 +158,9 @@ def markdown(data):
     env, args = data.get("environment", {}), data["args"]
     lines = [f"# GPU report: {env.get('gpu') or env.get('cpu', '?')}", "",
              f"torch {env.get('torch')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, Lightning "
-             f"{env.get('pytorch-lightning')}, transformers {env.get('transformers')}, diffusers {env.get('diffusers')}, "
-             f"Python {env.get('python')}. Config `{args['config']}` with random weights, {args['H']}x{args['W']}, "
-             f"batch {args['batch_size']}.", ""]
+             f"{env.get('pytorch-lightning')}, transformers {env.get('transformers')}, diffusers "
+             f"{env.get('diffusers')}, Python {env.get('python')}. Config `{args['config']}` with random weights, "
+             f"{args['H']}x{args['W']}, batch {args['batch_size']}.", ""]
     train = data.get("training")
     if _measured(train):
         for key, rows in data.items():  # diffusers' UNet and the compiled variants, each a section of its own
@@ -194,9 +188,9 @@ def markdown(data):
         busy = prof["device_busy_s_per_step"]
         lines += [f"## Profile of one step ({prof['variant']})", "",
                   f"Step wall {_ms(prof['profiled_step_wall_s'])} ms under the profiler, "
-                  f"{prof['host_ops_per_step']:,.0f} operator calls on the host"
-                  + (f"; the device busy {_ms(busy)} ms of it ({100 * prof['device_busy_fraction']:.0f}%)." if busy else "."),
-                  ""]
+                  f"{prof['host_ops_per_step']:,.0f} operator calls on the host" + (
+                      f"; the device busy {_ms(busy)} ms of it ({100 * prof['device_busy_fraction']:.0f}%)." if busy
+                      else "."), ""]
         lines += [markdown_table([title, "ms per step", "calls per step"], [
             [f"`{t['name']}`", f"{t['ms_per_step']:.2f}", f"{t['calls_per_step']:.0f}"] for t in prof[key]])
             for key, title in (("top_device", "kernel (device time)"), ("top_host", "host operator (self CPU time)"))
@@ -205,15 +199,17 @@ def markdown(data):
     if "step_s" in run:
         lines += ["## A whole concept through `main.py -t`", "",
                   f"{run['steps']} steps of the real loop ({', '.join(run['overrides']) or 'config defaults'}): "
-                  f"{_ms(run['step_s'])} ms per step (adapter snapshots every {run['snapshot_every']} steps), fixed cost "
-                  f"{run['fixed_s']:.1f} s (start-up, model build, first steps, saving); **1000 steps: "
-                  f"{run['projected_1000_steps_s']:.0f} s** projected, without the two sample grids a default run adds.", ""]
+                  f"{_ms(run['step_s'])} ms per step (adapter snapshots every {run['snapshot_every']} steps), fixed "
+                  f"cost {run['fixed_s']:.1f} s (start-up, model build, first steps, saving); **1000 steps: "
+                  f"{run['projected_1000_steps_s']:.0f} s** projected, without the two sample grids a default run "
+                  "adds.", ""]
         if "step_s" in every:
-            lines += [f"The same run reading the loss every step (`log_every_n_steps=1`): {_ms(every['step_s'])} ms per "
-                      f"step, 1000 steps {every['projected_1000_steps_s']:.0f} s.", ""]
+            lines += [f"The same run reading the loss every step (`log_every_n_steps=1`): {_ms(every['step_s'])} ms "
+                      f"per step, 1000 steps {every['projected_1000_steps_s']:.0f} s.", ""]
     if _measured(data.get("sampling")):
         lines += ["## Sampling: 50 guided DDIM steps, prompt to decoded image", "",
-                  markdown_table(["batch", "ours s", "diffusers pipeline s", "ours / diffusers", "max pixel difference"], [
+                  markdown_table(["batch", "ours s", "diffusers pipeline s", "ours / diffusers",
+                                  "max pixel difference"], [
                       [n, f"{row['ours_s']:.2f}", f"{row['diffusers_s']:.2f}", f"{row['ours_over_diffusers']:.3f}",
                        f"{row['max_abs_pixel_diff']:.1e}"] for n, row in data["sampling"].items()])]
     conc = data.get("concepts", {})
@@ -248,7 +244,8 @@ def run(opt):
     if opt.H % 64 or opt.W % 64:
         raise ValueError(f"--H {opt.H} --W {opt.W}: use multiples of 64")
     if not os.path.isfile(opt.config):
-        raise ValueError(f"config not found: {opt.config}; pass a finetune config such as configs/stable-diffusion/v1-finetune.yaml")
+        raise ValueError(f"config not found: {opt.config}; pass a finetune config such as "
+                         "configs/stable-diffusion/v1-finetune.yaml")
     sections = set(opt.sections.split(","))
     unknown = sections - set(SECTIONS)
     if unknown:

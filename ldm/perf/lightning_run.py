@@ -1,11 +1,5 @@
-"""The real training loop, timed: `main.py -t` for a few hundred steps, per-step time read off its checkpoints.
-
-Everything a user's run does is in the figure: Lightning's loop, the data loader, logging (every
-`log_every_n_steps`), the non-finite-loss guard, the adapter snapshots. The time per step is the spread of the (first
-concept's) snapshots' file times over the steps between them; the run's fixed cost (start-up, model build, first
-steps, saving) is its wall time less its steps at that rate. Sample grids are off (`batch_frequency=0`); a real
-1000-step run adds two of them (steps 500 and 1000).
-"""
+"""The real training loop, timed: `main.py -t` (Lightning, data loader, logging, loss guard, adapter snapshots;
+sample grids off: a real 1000-step run adds two), its time per step read off its adapter snapshots' file times."""
 import glob
 import os
 import re
@@ -13,22 +7,18 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 from PIL import Image
 
 
-def write_photos(folder, n, size, seed=0):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
-    return folder
-
-
 def run(config_path, workdir, steps, every, size=None, concepts=1, ckpt=None, gpus=None, overrides=()):
-    """{"steps", "snapshot_every", "process_wall_s", "step_s", "fixed_s", "peak_mb" (the run's peak resident set),
-    "lr_line"} of one run of `concepts` concepts, 4 random photos each (the config's size unless `size`)."""
-    roots = [write_photos(os.path.join(workdir, "photos", f"concept{i}"), 4, size or 64, seed=i) for i in range(concepts)]
+    """{"steps", "snapshot_every", "process_wall_s", "step_s" (the spread of the first concept's snapshots over the
+    steps between them), "fixed_s" (start-up, model build, first steps, saving: the rest of the wall time), "peak_mb"
+    (the run's peak resident set), "lr_line"} of one run of `concepts` concepts of 4 noise photos each."""
+    roots = [os.path.join(workdir, "photos", f"concept{i}") for i in range(concepts)]
+    for root in roots:
+        os.makedirs(root)
+        for k in range(4):  # the loader resizes them to the config's size, or `size`
+            Image.effect_noise((size or 64, size or 64), 64).convert("RGB").save(os.path.join(root, f"{k}.png"))
     logdir = os.path.join(workdir, "logs")
     argv = [sys.executable, "-m", "ldm.cli.train", "--base", config_path, "-t", "--data_root", *roots,
             "--init_word", *[f"word{i}" for i in range(concepts)], "--logdir", logdir, "--seed", "0",

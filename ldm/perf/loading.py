@@ -1,12 +1,6 @@
-"""Time and peak memory of loading a base model, each file format in a fresh process.
-
-    python -m ldm.perf.loading CONFIG PATH DEVICE     # prints one JSON line
-
-The parent (`measure_formats`) writes the model it holds as `.ckpt`, `.safetensors` and a diffusers folder, then
-loads each in a child process through `ldm.sampling.load_model`, the loader every command uses. A child reports
-its resident set before loading (Python, torch and the libraries), its peak during the load, the GPU's peak
-allocation and the size of the weights, so that peak host memory can be read as a multiple of the weights.
-"""
+"""Time and peak memory of loading a base model through `ldm.sampling.load_model`, each format in a fresh process
+(`python -m ldm.perf.loading CONFIG PATH DEVICE` prints one JSON line), so that the peak host memory above what the
+libraries hold can be read as a multiple of the weights."""
 import json
 import os
 import subprocess
@@ -15,10 +9,11 @@ import time
 
 import torch
 
-from ldm.perf.device import cuda, host_mb, reset_host_peak, reset_peak, synchronize
+from ldm.perf.device import cuda, host_mb, reset_peak, synchronize
 
 
 def measure_formats(model, config, config_path, folder, device):
+    """{format: figures} of `model` written as `.ckpt`, `.safetensors` and a diffusers folder, each loaded apart."""
     from ldm.checkpoint import save_checkpoint
     from ldm.perf.sampling import diffusers_pipeline
 
@@ -40,9 +35,8 @@ def measure_formats(model, config, config_path, folder, device):
 def measure_load(config_path, path, device):
     from ldm.sampling import load_model
 
-    before = host_mb("VmRSS:")
-    reset_host_peak()
-    reset_peak(device)  # the GPU's, on a GPU
+    before = host_mb("VmRSS:")  # Python, torch and the libraries
+    reset_peak(device)
     start = time.perf_counter()
     model = load_model(config_path, path, device=device, verbose=False)
     synchronize(device)

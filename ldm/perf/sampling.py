@@ -1,10 +1,6 @@
-"""Our guided DDIM sampler against diffusers' StableDiffusionPipeline holding the same weights.
-
-The pipeline is assembled in memory from our model through diffusers' own converters and shares its tensors (no
-second copy of the weights). Both sides do the whole job of one txt2img iteration: encode the prompt and the empty
-prompt, 50 DDIM steps with classifier-free guidance, decode with the VAE, images in [0, 1] on the CPU. Both start
-from the same x_T and run the base model (adapter off), so their images can be compared as well as their times.
-"""
+"""Our guided DDIM sampler against diffusers' StableDiffusionPipeline holding the same tensors (built in memory by
+diffusers' own converters): the whole txt2img job, prompt to decoded image, from the same x_T with the adapter off,
+so that their images can be compared as well as their times."""
 import copy
 import statistics
 
@@ -53,8 +49,9 @@ def diffusers_pipeline(model, config):
 def measure(model, config, n, H, W, steps=50, scale=10.0, seed=42, repeats=3):
     """Seconds per 50-step batch for ours and diffusers' pipeline (median of `repeats` after a warm-up each), and
     the largest pixel difference between their images."""
-    model.fast = model.check_fast_options({"gradient_checkpointing": False, "channels_last": False, "precision": "fp32"})
-    model.prepare_fast_path()  # what txt2img runs: fp32, contiguous, nothing recomputed
+    plain = {"gradient_checkpointing": False, "channels_last": False, "precision": "fp32"}
+    model.fast = model.check_fast_options(plain)  # what txt2img runs: fp32, contiguous, nothing recomputed
+    model.prepare_fast_path()
     model.eval()
     pipe = diffusers_pipeline(model, config)
 

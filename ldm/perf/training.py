@@ -1,9 +1,6 @@
-"""Training steps of one model under the options a user can choose, timed in turn on the same inputs.
-
-A variant is a set of `model.params.fast` options plus two switches the reference never had: fused attention
-(the reference-equivalent path forces PyTorch's plain "math" attention) and TF32 matrix products. Each variant's
-figure is `ldm.perf.device.measure_step` of its training step.
-"""
+"""Training steps of one model under the options a user can choose. A variant is a set of `model.params.fast`
+options plus two switches the reference never had: fused attention (the reference-equivalent path forces PyTorch's
+plain "math" attention) and TF32 matrix products."""
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -132,8 +129,8 @@ def check_fast_options(model, batch, steps=3, with_compile=True, seed=0):
     options = [("fp32", base, 0.0), ("channels_last", {**base, "channels_last": True}, 1e-4),
                ("gradient_checkpointing", {**base, "gradient_checkpointing": True}, 1e-4)]
     options += [("compile", {**base, "compile": True}, 1e-4)] if with_compile else []
-    options += [("auto", {**base, "precision": "auto", "gradient_checkpointing": "auto", "channels_last": "auto"}, 5e-2),
-                ("bf16", {**base, "precision": "bf16"}, 5e-2)]
+    auto = {**base, "precision": "auto", "gradient_checkpointing": "auto", "channels_last": "auto"}
+    options += [("auto", auto, 5e-2), ("bf16", {**base, "precision": "bf16"}, 5e-2)]
     start = [p.detach().clone() for p in model.trainable_parameters()]
     out, reference = {}, None
     for name, fast_options, tolerance in options:
