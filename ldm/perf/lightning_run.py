@@ -28,7 +28,8 @@ def run(config_path, workdir, steps, every, size=None, concepts=1, ckpt=None, gp
             *([f"data.params.train.params.size={size}"] if size else []), *overrides]
     start = time.perf_counter()
     with open(os.path.join(workdir, "run.log"), "w+") as log:
-        _, status, usage = os.wait4(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT).pid, 0)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # its rusage: the run's peak resident set
         wall = time.perf_counter() - start
         log.seek(0)
         lines = log.read().splitlines()
