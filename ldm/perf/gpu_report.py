@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.perf import lightning_run, loading, sampling, training
-from ldm.perf.device import timed
+from ldm.perf.device import measure_step, timed
 from ldm.report import markdown_table, write_files
 from ldm.util import instantiate_from_config
 
@@ -72,11 +72,24 @@ def fast_options_section(model, opt):
 
 
 def diffusers_section(model, config, opt, precision):
-    """diffusers' UNet holding our UNet's tensors: forward and backward alone, the yardstick for the fast path."""
+    """diffusers' UNet holding our UNet's tensors, the yardstick for the fast path: forward and backward to the text
+    context (what reaches the adapter) on noise shaped as our step's latents; no VAE, text layers, loss bookkeeping
+    or optimizer."""
     training.use_variant(model, training.variant(precision))
     unet = sampling.diffusers_pipeline(model, config).unet  # shares the tensors, in the dtype the fast path holds
-    return {f"diffusers UNet alone ({precision})": training.measure_diffusers_unet(
-        unet, model, opt.batch_size, opt.H, opt.W, opt.steps, opt.warmup, precision == "bf16")}
+    g, device = torch.Generator().manual_seed(0), model.device
+    shape = (opt.batch_size, model.channels, opt.H // 8, opt.W // 8)
+    x, noise = torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device)
+    t = torch.randint(0, model.num_timesteps, (opt.batch_size,), generator=g).to(device)
+    context = torch.randn(opt.batch_size, 77, unet.config.cross_attention_dim, generator=g).to(device)
+
+    def step():
+        ctx = context.clone().requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            eps = unet(x, t, encoder_hidden_states=ctx).sample
+        torch.nn.functional.mse_loss(eps.float(), noise).backward()
+
+    return {f"diffusers UNet alone ({precision})": measure_step(step, device, opt.steps, opt.warmup)}
 
 
 def profile_section(model, opt, variant):

@@ -100,25 +100,6 @@ def measure_concepts(model, n, batch_size, H, W, steps, warmup, seed=0):
     return {"concepts": n, "images_per_step": n * batch_size, **result}
 
 
-def measure_diffusers_unet(unet, model, batch_size, H, W, steps, warmup, bf16):
-    """diffusers' UNet alone, as a yardstick: forward and backward to the text context (what reaches the adapter),
-    on noise shaped as our step's latents; no VAE, text layers, loss bookkeeping or optimizer."""
-    device = model.device
-    g = torch.Generator().manual_seed(0)
-    shape = (batch_size, model.channels, H // 8, W // 8)
-    x, noise = torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device)
-    t = torch.randint(0, model.num_timesteps, (batch_size,), generator=g).to(device)
-    context = torch.randn(batch_size, 77, unet.config.cross_attention_dim, generator=g).to(device)
-
-    def step():
-        ctx = context.clone().requires_grad_(True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            eps = unet(x, t, encoder_hidden_states=ctx).sample
-        torch.nn.functional.mse_loss(eps.float(), noise).backward()
-
-    return measure_step(step, device, steps, warmup)
-
-
 def check_fast_options(model, batch, steps=3, with_compile=True, seed=0):
     """`steps` AdamW steps from the same adapter and random seeds under the fp32 fast path with nothing else on, then
     each option alone, all "auto" (bf16 on CUDA) and bf16 last (they leave the UNet's weights rounded to bf16): the
