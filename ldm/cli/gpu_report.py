@@ -36,9 +36,6 @@ def get_parser():
                    help="comma-separated sections to run, in this order: " + ",".join(SECTIONS))
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variants")
     p.add_argument("--budget_s", type=float, default=480, help="time budget; sections that would not fit are skipped")
-    p.add_argument("--lightning_needs_s", type=float, default=120, help=argparse.SUPPRESS)
-    p.add_argument("--loading_needs_s", type=float, default=90, help=argparse.SUPPRESS)
-    p.add_argument("--compile_needs_s", type=float, default=150, help=argparse.SUPPRESS)
     p.add_argument("--out_dir", default="gpu-report", help="folder for gpu_report.json and gpu_report.md")
     return p
 

@@ -4,27 +4,13 @@
     python scripts/memory_check.py --steps 1000 --early 100
 """
 import argparse
-import resource
 import sys
 import tempfile
 
-import pytorch_lightning as pl
+from pytorch_lightning.callbacks import LambdaCallback
 
+from ldm.perf.device import host_mb
 from ldm.util import HelpFormatter, one_line_errors
-
-
-class Memory(pl.Callback):
-    """(peak RSS, current RSS) in MiB once each step in `steps` has finished. The peak alone would hide growth
-    below the model load's peak, so the current RSS is compared too."""
-
-    def __init__(self, steps):
-        self.steps, self.at = set(steps), {}
-
-    def on_train_batch_end(self, trainer, *_):
-        if trainer.global_step in self.steps:
-            with open("/proc/self/statm") as f:
-                current = int(f.read().split()[1]) * resource.getpagesize() / 2**20
-            self.at[trainer.global_step] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, current)
 
 
 def main(argv=None):
@@ -43,12 +29,19 @@ def main(argv=None):
             make_example_data.main(["--out", f"{t}/data"])
             args = ["--base", "configs/tiny/v1-finetune.yaml", "-t", "--actual_resume", f"{t}/tiny.ckpt",
                     "--data_root", f"{t}/data", "--init_word", "circle", "-l", f"{t}/logs",
-                    f"lightning.trainer.max_steps={opt.steps}", "lightning.callbacks.image_logger.params.batch_frequency=0"]
-            probe = Memory((opt.early, opt.steps))
-            train.run(*train.get_parser().parse_known_args(args), extra_callbacks=[probe])
+                    f"lightning.trainer.max_steps={opt.steps}",
+                    "lightning.callbacks.image_logger.params.batch_frequency=0"]
+            at = {}
+
+            def probe(trainer, *_):  # the peak alone would hide growth below the model load's peak: current RSS too
+                if trainer.global_step in (opt.early, opt.steps):
+                    at[trainer.global_step] = (host_mb("VmHWM:"), host_mb("VmRSS:"))
+
+            callback = LambdaCallback(on_train_batch_end=probe)
+            train.run(*train.get_parser().parse_known_args(args), extra_callbacks=[callback])
         growths = []
         for i, what in enumerate(("peak RSS", "current RSS")):
-            early, end = probe.at[opt.early][i], probe.at[opt.steps][i]
+            early, end = at[opt.early][i], at[opt.steps][i]
             growths.append(end / early - 1)
             print(f"{what} after step {opt.early}: {early:.0f} MiB; after step {opt.steps}: {end:.0f} MiB "
                   f"({growths[-1]:+.1%}, allowed {opt.tolerance:+.0%})")

@@ -1,77 +1,56 @@
-"""Timing and peak memory of work on a device: one synchronisation per timed run; CUDA's allocator statistics on a
-GPU, the process's peak resident set on the host."""
-import resource
+"""Timing and peak memory of work on a device: CUDA's allocator statistics on a GPU, the process's resident set
+(Linux /proc) on the host."""
 import time
 
 import torch
 
 
+def cuda(device):
+    return torch.device(device).type == "cuda"
+
+
 def reset_peak(device):
-    """Start a new peak; False where the platform cannot reset it (the next reading is then the process's peak)."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    """Start a new peak of the host's resident set and, on a GPU, of CUDA's allocations."""
+    if cuda(device):
         torch.cuda.reset_peak_memory_stats(device)
-        return True
-    return reset_host_peak()
+    try:  # "5" resets the peak resident set to the current one; where it is refused the peak is the process's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def peak_mb(device):
-    """MiB: CUDA max allocated since the last reset, or the host's peak resident set (weights and libraries included)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return host_peak_mb()
+    """MiB: CUDA max allocated since the last reset, or the host's peak resident set (libraries included)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if cuda(device) else host_mb("VmHWM:")
 
 
-def reset_host_peak():
-    try:  # Linux: "5" resets the peak resident set size to the current one
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def host_peak_mb():
-    return _status_mb("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def host_current_mb():
-    return _status_mb("VmRSS:")
-
-
-def _status_mb(field):
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-    except (OSError, StopIteration):
-        return None
+def host_mb(field):
+    """MiB of a /proc/self/status field: "VmRSS:" the current resident set, "VmHWM:" its peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
 
 
 def synchronize(device):
-    if torch.device(device).type == "cuda":
+    if cuda(device):
         torch.cuda.synchronize(device)
 
 
-def timed_steps(step, n, device):
-    """Mean seconds per call over `n` back-to-back calls of `step()`, one synchronisation at the end (a sync after
-    every call would hide the overlap of Python with the GPU that a training loop has)."""
+def timed(fn, n, device):
+    """Seconds of `n` back-to-back calls of `fn()` with one synchronisation at the end (a sync after every call
+    would hide the overlap of Python with the GPU that a training loop has)."""
     synchronize(device)
     start = time.perf_counter()
     for _ in range(n):
-        step()
+        fn()
     synchronize(device)
-    return (time.perf_counter() - start) / n
+    return time.perf_counter() - start
 
 
 def measure_step(step, device, steps, warmup):
-    """{"step_s", "peak_mb", "warmup_s", "steps", "warmup"} of `step()`: `warmup` untimed calls (they fill caches,
-    tune cuDNN, compile), then `timed_steps` over `steps` calls with the peak memory of those calls alone."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    warmup_s = time.perf_counter() - start
+    """`warmup` untimed calls of `step()` (they fill caches, tune cuDNN, compile), then the mean time and the peak
+    memory of `steps` more."""
+    warmup_s = timed(step, warmup, device)
     reset_peak(device)
-    step_s = timed_steps(step, steps, device)
+    step_s = timed(step, steps, device) / steps
     return {"step_s": step_s, "peak_mb": peak_mb(device), "warmup_s": warmup_s, "steps": steps, "warmup": warmup}

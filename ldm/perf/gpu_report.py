@@ -1,9 +1,6 @@
-"""What a user's GPU will do: one command that measures training, sampling, many concepts and loading, and writes
-JSON and a markdown table. The sections run in order of importance, each within what is left of a time budget, and
-the report is rewritten after each one, so a run cut short still leaves every figure it took.
-
-Weights are random (a network's speed does not depend on its weight values), built from the config's shapes.
-"""
+"""The GPU report's sections and its markdown: they run in order of importance, each within what is left of a time
+budget, and the report is rewritten after each one, so a run cut short still leaves every figure it took. Weights
+are random (a network's speed does not depend on their values), built from the config's shapes."""
 import importlib.metadata
 import json
 import os
@@ -16,99 +13,53 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.perf import lightning_run, loading, sampling, training
-from ldm.perf.device import synchronize
-from ldm.util import atomic_write, instantiate_from_config
+from ldm.perf.device import measure_step, timed
+from ldm.report import markdown_table, write_files
+from ldm.util import instantiate_from_config
 
-SECTIONS = ("training", "fast_options", "diffusers", "profile", "concepts", "sampling", "lightning_run", "loading", "lightning_every_step", "compile")
-GOALS = {
-    "train_speedup": 3.0,  # fast path / reference-equivalent path, 512x512 batch 2
-    "train_peak_mb": 6144,  # peak training memory at batch 2
-    "thousand_steps_s": 90,  # a whole 1000-step concept
-    "sampling_ratio": 1.05,  # ours / diffusers' pipeline, 50 guided DDIM steps
-    "concepts_speedup_8": 3.0,  # concepts per hour, 8 in one run against 8 sequential runs
-}
+SECTIONS = ("training", "fast_options", "diffusers", "profile", "concepts", "sampling", "lightning_run", "loading",
+            "lightning_every_step", "compile")
+# Seconds of the budget a section needs, or it is skipped: a whole main.py run, each format loaded, one compilation.
+NEEDS_S = {"lightning_run": 120, "lightning_every_step": 120, "loading": 90, "compile": 150}
+# Training: fast / reference step time and peak MB at 512x512 batch 2, seconds of a 1000-step concept; sampling:
+# ours / diffusers' pipeline; concepts per hour of 8 in one run against 8 sequential runs.
+GOALS = {"train_speedup": 3.0, "train_peak_mb": 6144, "thousand_steps_s": 90, "sampling_ratio": 1.05,
+         "concepts_speedup_8": 3.0}
 
 
 def environment(device):
-    env = {"python": platform.python_version(), "platform": platform.platform(), "device": str(device)}
-    for name in ("torch", "pytorch-lightning", "transformers", "diffusers", "safetensors", "numpy"):
-        try:
-            env[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            env[name] = None
+    installed = {d.metadata["Name"].lower(): d.version for d in importlib.metadata.distributions()}
+    env = {"python": platform.python_version(), "platform": platform.platform(), "device": str(device),
+           **{name: installed.get(name) for name in ("torch", "pytorch-lightning", "transformers", "diffusers",
+                                                     "safetensors", "numpy")}}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update({"gpu": props.name, "gpu_memory_gb": round(props.total_memory / 2**30, 1),
                     "compute_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
                     "cudnn": torch.backends.cudnn.version(), "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32})
     else:
-        env["cpu"] = platform.processor() or platform.machine()
-        env["threads"] = torch.get_num_threads()
+        env.update({"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()})
     return env
-
-
-class Report:
-    """The figures so far, written as JSON and markdown after every section."""
-
-    def __init__(self, out_dir, opt):
-        self.out_dir, self.data = out_dir, {"args": vars(opt).copy(), "goals": GOALS}
-        os.makedirs(out_dir, exist_ok=True)
-
-    def section(self, name, fn, *args):
-        start = time.perf_counter()
-        print(f"[{name}] ...", flush=True)
-        try:
-            self.data[name] = fn(*args)
-        except Exception as e:  # a section that fails must not cost the others their figures
-            self.data[name] = _error(e)
-        self.data.setdefault("section_s", {})[name] = time.perf_counter() - start
-        print(f"[{name}] {time.perf_counter() - start:.1f} s: {json.dumps(self.data[name], default=str)[:600]}", flush=True)
-        self.write()
-
-    def skip(self, name, why):
-        self.data[name] = {"skipped": why}
-        print(f"[{name}] skipped: {why}", flush=True)
-        self.write()
-
-    def write(self):
-        text = json.dumps(self.data, indent=2, default=str)
-        atomic_write(os.path.join(self.out_dir, "gpu_report.json"), lambda p: _write(p, text))
-        md = markdown(self.data)
-        atomic_write(os.path.join(self.out_dir, "gpu_report.md"), lambda p: _write(p, md))
 
 
 def _error(e):
     """A failed measurement as a report entry (its traceback goes to the log)."""
     traceback.print_exc()
-    first = str(e).splitlines()[0] if str(e) else ""
-    return {"error": f"{type(e).__name__}: {first}"[:300]}
-
-
-def _write(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+    return {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]}
 
 
 # --- sections ----------------------------------------------------------------------------------------------------
-def build_model(config, device, seed=0):
-    torch.manual_seed(seed)
-    model = instantiate_from_config(config.model)
-    model.learning_rate = config.model.base_learning_rate
-    return model.to(device).train()
-
-
 def training_section(model, opt, variants):
     batch = training.make_batch(opt.batch_size, opt.H, opt.W, model.device)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=model.learning_rate)
     out = {}
     for variant in variants:
-        warmup = opt.warmup + (2 if variant.compiled else 0)
+        warmup = opt.warmup + (2 if variant.fast["compile"] else 0)
         try:
             out[variant.name] = training.measure_variant(model, optimizer, batch, variant, opt.steps, warmup)
         except Exception as e:  # e.g. out of memory on a small card: the other variants still count
             out[variant.name] = _error(e)
-            if model.device.type == "cuda":
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()
         print(f"  {variant.name:40s} {json.dumps(out[variant.name], default=str)}", flush=True)
     return out
 
@@ -120,12 +71,25 @@ def fast_options_section(model, opt):
     return {**rows, "all_ok": all(row["ok"] for row in rows.values())}
 
 
-def diffusers_section(model, config, opt, bf16):
-    """diffusers' UNet holding our UNet's tensors: forward and backward alone, the yardstick for the fast path."""
-    training.use_variant(model, training.Variant("weights", training.fast("bf16" if bf16 else "fp32", False)))
+def diffusers_section(model, config, opt, precision):
+    """diffusers' UNet holding our UNet's tensors, the yardstick for the fast path: forward and backward to the text
+    context (what reaches the adapter) on noise shaped as our step's latents; no VAE, text layers, loss bookkeeping
+    or optimizer."""
+    training.use_variant(model, training.variant(precision))
     unet = sampling.diffusers_pipeline(model, config).unet  # shares the tensors, in the dtype the fast path holds
-    name = f"diffusers UNet alone ({'bf16' if bf16 else 'fp32'})"
-    return {name: training.measure_diffusers_unet(unet, model, opt.batch_size, opt.H, opt.W, opt.steps, opt.warmup, bf16)}
+    g, device = torch.Generator().manual_seed(0), model.device
+    shape = (opt.batch_size, model.channels, opt.H // 8, opt.W // 8)
+    x, noise = torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device)
+    t = torch.randint(0, model.num_timesteps, (opt.batch_size,), generator=g).to(device)
+    context = torch.randn(opt.batch_size, 77, unet.config.cross_attention_dim, generator=g).to(device)
+
+    def step():
+        ctx = context.clone().requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            eps = unet(x, t, encoder_hidden_states=ctx).sample
+        torch.nn.functional.mse_loss(eps.float(), noise).backward()
+
+    return {f"diffusers UNet alone ({precision})": measure_step(step, device, opt.steps, opt.warmup)}
 
 
 def profile_section(model, opt, variant):
@@ -135,64 +99,59 @@ def profile_section(model, opt, variant):
 
     batch = training.make_batch(opt.batch_size, opt.H, opt.W, model.device)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=model.learning_rate)
-    attention = training.use_variant(model, variant)
     cuda = model.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with attention:
-        for _ in range(2):
-            training.train_step(model, optimizer, batch)
-        synchronize(model.device)
-        start = time.perf_counter()
-        with profile(activities=activities) as prof:
-            for _ in range(2):
-                training.train_step(model, optimizer, batch)
-            synchronize(model.device)
-        wall = (time.perf_counter() - start) / 2
-    events = prof.key_averages()
+
+    def two_steps():
+        training.train_step(model, optimizer, batch)
+        training.train_step(model, optimizer, batch)
+
+    with training.use_variant(model, variant):
+        timed(two_steps, 1, model.device)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            wall = timed(two_steps, 1, model.device) / 2
     # Device-side entries (kernels, copies) carry the device time; an operator's own "self device time" repeats
     # its kernels', so the GPU's busy time is summed over the device-side entries alone.
+    events = prof.key_averages()
     on_device = [e for e in events if cuda and e.device_type != DeviceType.CPU]
     on_host = [e for e in events if e.device_type == DeviceType.CPU]
+    busy = sum(e.self_device_time_total for e in on_device) / 2 / 1e6 if cuda else None
 
-    def device_us(e):
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    def top(events, us):
+        return [{"name": e.key[:90], "ms_per_step": us(e) / 2e3, "calls_per_step": e.count / 2}
+                for e in sorted(events, key=us, reverse=True)[:12]]
 
-    busy = sum(device_us(e) for e in on_device) / 2 / 1e6 if cuda else None
-    top_device = sorted(on_device, key=device_us, reverse=True)[:12]
-    top_host = sorted(on_host, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
     return {"variant": variant.name, "profiled_step_wall_s": wall, "device_busy_s_per_step": busy,
             "device_busy_fraction": busy / wall if busy is not None and wall else None,
             "host_ops_per_step": sum(e.count for e in on_host) / 2,
-            "top_device": [{"name": e.key[:90], "ms_per_step": device_us(e) / 2e3, "calls_per_step": e.count / 2}
-                           for e in top_device],
-            "top_host": [{"name": e.key[:90], "ms_per_step": e.self_cpu_time_total / 2e3, "calls_per_step": e.count / 2}
-                         for e in top_host]}
+            "top_device": top(on_device, lambda e: e.self_device_time_total),
+            "top_host": top(on_host, lambda e: e.self_cpu_time_total)}
 
 
-def concepts_section(model, opt, variant, counts):
+def concepts_section(model, opt, precision, counts):
     """Concepts per step; a count that does not fit in memory is measured again with gradient checkpointing."""
-    training.use_variant(model, variant)
-    out = {"variant": variant.name}
+    best = training.variant(precision)
+    out = {"variant": best.name}
     for n in counts:
         try:
+            training.use_variant(model, best)
             out[str(n)] = training.measure_concepts(model, n, opt.batch_size, opt.H, opt.W, opt.steps, opt.warmup)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
-            saving = training.Variant(variant.name + " + checkpointing", {**variant.fast, "gradient_checkpointing": True})
+            saving = training.variant(precision, checkpointing=True)
             training.use_variant(model, saving)
             out[str(n)] = {**training.measure_concepts(model, n, opt.batch_size, opt.H, opt.W, opt.steps, opt.warmup),
                            "variant": saving.name}
-            training.use_variant(model, variant)
     one = out[str(counts[0])]["step_s"] / counts[0]
     for n in counts:
         row = out[str(n)]
-        row["concepts_per_hour"] = 3600 / (1000 * row["step_s"] / n)
-        row["speedup_vs_sequential"] = one * n / row["step_s"]
+        row.update(concepts_per_hour=3600 / (1000 * row["step_s"] / n), speedup_vs_sequential=one * n / row["step_s"])
     return out
 
 
-def sampling_section(model, config, opt, batches):
-    return {str(n): sampling.measure(model, config, n, opt.H, opt.W, steps=opt.sample_steps) for n in batches}
+def lightning_section(opt, workdir, gpu, overrides):
+    run = lightning_run.run(opt.config, workdir, opt.lightning_steps, opt.lightning_every, opt.H,
+                            gpus="0," if gpu else None, overrides=overrides)
+    return {**run, "overrides": overrides, "projected_1000_steps_s": run["fixed_s"] + 1000 * run["step_s"]}
 
 
 # --- markdown ------------------------------------------------------------------------------------------------
@@ -204,110 +163,90 @@ def _mb(mb):
     return f"{mb:,.0f}" if isinstance(mb, (int, float)) else "-"
 
 
+def _measured(section):
+    return isinstance(section, dict) and bool(section) and "error" not in section and "skipped" not in section
+
+
 def markdown(data):
-    env = data.get("environment", {})
-    args = data["args"]
+    env, args = data.get("environment", {}), data["args"]
     lines = [f"# GPU report: {env.get('gpu') or env.get('cpu', '?')}", "",
              f"torch {env.get('torch')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, Lightning "
-             f"{env.get('pytorch-lightning')}, transformers {env.get('transformers')}, diffusers {env.get('diffusers')}, "
-             f"Python {env.get('python')}. Config `{args['config']}` with random weights, {args['H']}x{args['W']}, "
-             f"batch {args['batch_size']}.", ""]
-    train = data.get("training", {})
-    if isinstance(train, dict) and "error" not in train and "skipped" not in train:
-        for key, rows in data.items():  # the compiled variants, each a section of its own
-            if (key.startswith("compile: ") or key == "diffusers") and "error" not in rows and "skipped" not in rows:
+             f"{env.get('pytorch-lightning')}, transformers {env.get('transformers')}, diffusers "
+             f"{env.get('diffusers')}, Python {env.get('python')}. Config `{args['config']}` with random weights, "
+             f"{args['H']}x{args['W']}, batch {args['batch_size']}.", ""]
+    train = data.get("training")
+    if _measured(train):
+        for key, rows in data.items():  # diffusers' UNet and the compiled variants, each a section of its own
+            if (key.startswith("compile: ") or key == "diffusers") and _measured(rows):
                 train = {**train, **rows}
         ref = train.get("reference", {}).get("step_s")
         lines += ["## Training step", "",
                   f"Mean of {args['steps']} consecutive steps after {args['warmup']} warm-up steps (compiled variants: "
                   "2 more), one synchronisation at the end; peak = CUDA max allocated during those steps, weights "
                   "included.", "",
-                  "| variant | step ms | steps/s | peak MB | vs reference | warm-up s |", "| --- | --- | --- | --- | --- | --- |"]
-        for name, row in train.items():
-            if "error" in row:
-                lines.append(f"| {name} | error: {row['error']} | | | | |")
-                continue
-            speed = f"{ref / row['step_s']:.2f}x" if ref else "-"
-            lines.append(f"| {name} | {_ms(row['step_s'])} | {1 / row['step_s']:.2f} | {_mb(row['peak_mb'])} | {speed} | "
-                         f"{row['warmup_s']:.1f} |")
-        lines.append("")
+                  markdown_table(["variant", "step ms", "steps/s", "peak MB", "vs reference", "warm-up s"], [
+                      [name, f"error: {row['error']}", "", "", "", ""] if "error" in row else
+                      [name, _ms(row["step_s"]), f"{1 / row['step_s']:.2f}", _mb(row["peak_mb"]),
+                       f"{ref / row['step_s']:.2f}x" if ref else "-", f"{row['warmup_s']:.1f}"]
+                      for name, row in train.items()])]
     smoke = data.get("fast_options", {})
     if "all_ok" in smoke:
         lines += ["## Fast-path options: a few training steps each against the fp32 path", "",
-                  "| option | losses | max relative difference | tolerance | ok |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {name} | {', '.join(f'{x:.4f}' for x in row['losses'])} | {row['max_rel_diff']:.1e} | "
-                  f"{row['tolerance']:.0e} | {'yes' if row['ok'] else '**NO**'} |"
-                  for name, row in smoke.items() if name != "all_ok"]
-        lines.append("")
+                  markdown_table(["option", "losses", "max relative difference", "tolerance", "ok"], [
+                      [name, ", ".join(f"{x:.4f}" for x in row["losses"]), f"{row['max_rel_diff']:.1e}",
+                       f"{row['tolerance']:.0e}", "yes" if row["ok"] else "**NO**"]
+                      for name, row in smoke.items() if name != "all_ok"])]
     prof = data.get("profile", {})
     if prof.get("top_host"):
-        busy = prof.get("device_busy_s_per_step")
+        busy = prof["device_busy_s_per_step"]
         lines += [f"## Profile of one step ({prof['variant']})", "",
                   f"Step wall {_ms(prof['profiled_step_wall_s'])} ms under the profiler, "
-                  f"{prof['host_ops_per_step']:,.0f} operator calls on the host"
-                  + (f"; the device busy {_ms(busy)} ms of it ({100 * prof['device_busy_fraction']:.0f}%)." if busy else "."),
-                  ""]
-        for key, title in (("top_device", "kernel (device time)"), ("top_host", "host operator (self CPU time)")):
-            if prof.get(key):
-                lines += [f"| {title} | ms per step | calls per step |", "| --- | --- | --- |"]
-                lines += [f"| `{t['name']}` | {t['ms_per_step']:.2f} | {t['calls_per_step']:.0f} |" for t in prof[key]]
-                lines.append("")
-    run = data.get("lightning_run", {})
+                  f"{prof['host_ops_per_step']:,.0f} operator calls on the host" + (
+                      f"; the device busy {_ms(busy)} ms of it ({100 * prof['device_busy_fraction']:.0f}%)." if busy
+                      else "."), ""]
+        lines += [markdown_table([title, "ms per step", "calls per step"], [
+            [f"`{t['name']}`", f"{t['ms_per_step']:.2f}", f"{t['calls_per_step']:.0f}"] for t in prof[key]])
+            for key, title in (("top_device", "kernel (device time)"), ("top_host", "host operator (self CPU time)"))
+            if prof[key]]
+    run, every = data.get("lightning_run", {}), data.get("lightning_every_step", {})
     if "step_s" in run:
         lines += ["## A whole concept through `main.py -t`", "",
                   f"{run['steps']} steps of the real loop ({', '.join(run['overrides']) or 'config defaults'}): "
-                  f"{_ms(run['step_s'])} ms per step (adapter snapshots every {run['snapshot_every']} steps), fixed cost "
-                  f"{run['fixed_s']:.1f} s (start-up, model build, first steps, saving); **1000 steps: "
-                  f"{run['projected_1000_steps_s']:.0f} s** projected, without the two sample grids a default run adds.", ""]
-        every = data.get("lightning_every_step", {})
+                  f"{_ms(run['step_s'])} ms per step (adapter snapshots every {run['snapshot_every']} steps), fixed "
+                  f"cost {run['fixed_s']:.1f} s (start-up, model build, first steps, saving); **1000 steps: "
+                  f"{run['projected_1000_steps_s']:.0f} s** projected, without the two sample grids a default run "
+                  "adds.", ""]
         if "step_s" in every:
-            lines += [f"The same run reading the loss every step (`log_every_n_steps=1`): {_ms(every['step_s'])} ms per "
-                      f"step, 1000 steps {every['projected_1000_steps_s']:.0f} s.", ""]
-    samp = data.get("sampling", {})
-    if isinstance(samp, dict) and samp and "error" not in samp and "skipped" not in samp:
+            lines += [f"The same run reading the loss every step (`log_every_n_steps=1`): {_ms(every['step_s'])} ms "
+                      f"per step, 1000 steps {every['projected_1000_steps_s']:.0f} s.", ""]
+    if _measured(data.get("sampling")):
         lines += ["## Sampling: 50 guided DDIM steps, prompt to decoded image", "",
-                  "| batch | ours s | diffusers pipeline s | ours / diffusers | max pixel difference |",
-                  "| --- | --- | --- | --- | --- |"]
-        for n, row in samp.items():
-            lines.append(f"| {n} | {row['ours_s']:.2f} | {row['diffusers_s']:.2f} | {row['ours_over_diffusers']:.3f} | "
-                         f"{row['max_abs_pixel_diff']:.1e} |")
-        lines.append("")
+                  markdown_table(["batch", "ours s", "diffusers pipeline s", "ours / diffusers",
+                                  "max pixel difference"], [
+                      [n, f"{row['ours_s']:.2f}", f"{row['diffusers_s']:.2f}", f"{row['ours_over_diffusers']:.3f}",
+                       f"{row['max_abs_pixel_diff']:.1e}"] for n, row in data["sampling"].items()])]
     conc = data.get("concepts", {})
-    if isinstance(conc, dict) and "variant" in conc:
+    if "variant" in conc:
         lines += [f"## Many concepts in one step ({conc['variant']})", "",
-                  "| concepts | images per step | step ms | peak MB | concepts per hour (1000 steps) | vs sequential |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for n, row in conc.items():
-            if n == "variant":
-                continue
-            lines.append(f"| {n} | {row['images_per_step']} | {_ms(row['step_s'])} | {_mb(row['peak_mb'])} | "
-                         f"{row['concepts_per_hour']:.0f} | {row['speedup_vs_sequential']:.2f}x |")
-        lines.append("")
-    load = data.get("loading", {})
-    if isinstance(load, dict) and load and "error" not in load and "skipped" not in load:
+                  markdown_table(["concepts", "images per step", "step ms", "peak MB", "concepts per hour (1000 steps)",
+                                  "vs sequential"], [
+                      [n, row["images_per_step"], _ms(row["step_s"]), _mb(row["peak_mb"]),
+                       f"{row['concepts_per_hour']:.0f}", f"{row['speedup_vs_sequential']:.2f}x"]
+                      for n, row in conc.items() if n != "variant"])]
+    if _measured(data.get("loading")):
         lines += ["## Loading the base model (fresh process each)", "",
-                  "| format | load s | host before MB | host peak MB | (peak - before) / weights | GPU peak MB |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for name, row in load.items():
-            if "error" in row:
-                lines.append(f"| {name} | error: {row['error']} | | | | |")
-                continue
-            lines.append(f"| {name} | {row['load_s']:.1f} | {_mb(row['host_before_mb'])} | {_mb(row['host_peak_mb'])} | "
-                         f"{row['host_peak_over_weights']:.2f}x | {_mb(row.get('gpu_peak_mb'))} |")
-        lines.append("")
+                  markdown_table(["format", "load s", "host before MB", "host peak MB", "(peak - before) / weights",
+                                  "GPU peak MB"], [
+                      [name, f"error: {row['error']}", "", "", "", ""] if "error" in row else
+                      [name, f"{row['load_s']:.1f}", _mb(row["host_before_mb"]), _mb(row["host_peak_mb"]),
+                       f"{row['host_peak_over_weights']:.2f}x", _mb(row.get("gpu_peak_mb"))]
+                      for name, row in data["loading"].items()])]
     problems = [f"- {name}: {row.get('error') or row.get('skipped')}" for name, row in data.items()
                 if isinstance(row, dict) and ("error" in row or "skipped" in row)]
-    if problems:
-        lines += ["## Not measured", ""] + problems + [""]
-    return "\n".join(lines)
+    return "\n".join(lines + (["## Not measured", ""] + problems + [""] if problems else []))
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
-def inference_config_for(config_path):
-    candidate = os.path.join(os.path.dirname(config_path), "v1-inference.yaml")
-    return candidate if os.path.isfile(candidate) else config_path
-
-
 def run(opt):
     device = torch.device(opt.device)
     if opt.threads:
@@ -318,57 +257,67 @@ def run(opt):
     if opt.H % 64 or opt.W % 64:
         raise ValueError(f"--H {opt.H} --W {opt.W}: use multiples of 64")
     if not os.path.isfile(opt.config):
-        raise ValueError(f"config not found: {opt.config}; pass a finetune config such as configs/stable-diffusion/v1-finetune.yaml")
-    start = time.perf_counter()
-
-    def left():
-        return opt.budget_s - (time.perf_counter() - start)
-
+        raise ValueError(f"config not found: {opt.config}; pass a finetune config such as "
+                         "configs/stable-diffusion/v1-finetune.yaml")
     sections = set(opt.sections.split(","))
     unknown = sections - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown --sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
-    report = Report(opt.out_dir, opt)
-    report.section("environment", environment, device)
+    start = time.perf_counter()
+    data = {"args": vars(opt).copy(), "goals": GOALS, "environment": environment(device)}
 
-    def section(name, needs_s, fn, *args):
-        """Run a chosen section if what is left of the budget covers what it needs; else say it was skipped."""
-        if name.split(":")[0] not in sections:
+    def write():
+        write_files({os.path.join(opt.out_dir, "gpu_report.json"): json.dumps(data, indent=2, default=str) + "\n",
+                     os.path.join(opt.out_dir, "gpu_report.md"): markdown(data) + "\n"})
+
+    def section(name, fn, *args):
+        """Run a chosen section if what is left of the budget covers what it needs; else say why it did not run."""
+        kind, left = name.split(":")[0], opt.budget_s - (time.perf_counter() - start)
+        if kind not in sections:
             return
-        if left() < needs_s:
-            report.skip(name, f"{left():.0f} s of the budget left, it needs about {needs_s:.0f}")
+        if kind == "compile" and not opt.compile:
+            data[name] = {"skipped": "--no-compile"}
+        elif left < NEEDS_S.get(kind, 0):
+            data[name] = {"skipped": f"{left:.0f} s of the budget left, it needs about {NEEDS_S[kind]:.0f}"}
         else:
-            report.section(name, fn, *args)
+            print(f"[{name}] ...", flush=True)
+            t0 = time.perf_counter()
+            try:
+                data[name] = fn(*args)
+            except Exception as e:  # a section that fails must not cost the others their figures
+                data[name] = _error(e)
+            data.setdefault("section_s", {})[name] = time.perf_counter() - t0
+        print(f"[{name}] {json.dumps(data[name], default=str)[:600]}", flush=True)
+        write()
 
+    write()
     config = OmegaConf.load(opt.config)
+    torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = build_model(config, device)
-    report.data["model_build_s"] = time.perf_counter() - t0
-    cuda = device.type == "cuda"
-    best = training.Variant("fast bf16" if cuda else "fast fp32", training.fast("bf16" if cuda else "fp32", False))
-    section("training", 0, training_section, model, opt, training.standard_variants(with_compile=False))
-    section("fast_options", 0, fast_options_section, model, opt)
-    section("diffusers", 0, diffusers_section, model, config, opt, best.fast["precision"] == "bf16")
-    section("profile", 0, profile_section, model, opt, best)
-    section("concepts", 0, concepts_section, model, opt, best, opt.concepts)
-    section("sampling", 0, sampling_section, model, config, opt, opt.sample_batches)
-    overrides = [f"model.params.fast.precision={best.fast['precision']}", "model.params.fast.gradient_checkpointing=false"]
+    model = instantiate_from_config(config.model)
+    model.learning_rate = config.model.base_learning_rate
+    model = model.to(device).train()
+    data["model_build_s"] = time.perf_counter() - t0
+    precision = "bf16" if device.type == "cuda" else "fp32"  # the fast path's best
+    section("training", training_section, model, opt, training.STANDARD)
+    section("fast_options", fast_options_section, model, opt)
+    section("diffusers", diffusers_section, model, config, opt, precision)
+    section("profile", profile_section, model, opt, training.variant(precision))
+    section("concepts", concepts_section, model, opt, precision, opt.concepts)
+    section("sampling", lambda: {str(n): sampling.measure(model, config, n, opt.H, opt.W, steps=opt.sample_steps)
+                                 for n in opt.sample_batches})
+    overrides = [f"model.params.fast.precision={precision}", "model.params.fast.gradient_checkpointing=false"]
     with tempfile.TemporaryDirectory(prefix="gpu-report-") as workdir:
-        section("lightning_run", opt.lightning_needs_s, lightning_run.run, opt.config, os.path.join(workdir, "run"),
-                opt.H, opt.lightning_steps, opt.lightning_every, cuda, overrides)
-        section("loading", opt.loading_needs_s, loading.measure_formats, model, config, inference_config_for(opt.config),
-                os.path.join(workdir, "formats"), device)
+        section("lightning_run", lightning_section, opt, os.path.join(workdir, "run"), device.type == "cuda", overrides)
+        inference = os.path.join(os.path.dirname(opt.config), "v1-inference.yaml")
+        section("loading", loading.measure_formats, model, config,
+                inference if os.path.isfile(inference) else opt.config, os.path.join(workdir, "formats"), device)
         # The loop's price for reading the loss every step (progress bar, loggers): the same run, logging every step.
-        section("lightning_every_step", opt.lightning_needs_s, lightning_run.run, opt.config,
-                os.path.join(workdir, "every"), opt.H, opt.lightning_steps, opt.lightning_every, cuda,
+        section("lightning_every_step", lightning_section, opt, os.path.join(workdir, "every"), device.type == "cuda",
                 overrides + ["lightning.trainer.log_every_n_steps=1"])
-    # Last: each compilation costs minutes, and nothing else waits on it.
-    for variant in [v for v in training.standard_variants(with_compile=True) if v.compiled]:
-        if opt.compile:
-            section("compile: " + variant.name, opt.compile_needs_s, training_section, model, opt, [variant])
-        elif "compile" in sections:
-            report.skip("compile: " + variant.name, "--no-compile")
-    report.data["total_s"] = time.perf_counter() - start
-    report.write()
-    print(f"Wrote {os.path.join(opt.out_dir, 'gpu_report.json')} and gpu_report.md in {report.data['total_s']:.0f} s")
-    return report.data
+    for variant in training.COMPILED:  # last: each compilation costs minutes, and nothing else waits on it
+        section("compile: " + variant.name, training_section, model, opt, [variant])
+    data["total_s"] = time.perf_counter() - start
+    write()
+    print(f"Wrote {os.path.join(opt.out_dir, 'gpu_report.json')} and gpu_report.md in {data['total_s']:.0f} s")
+    return data

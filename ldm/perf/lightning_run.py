@@ -1,12 +1,5 @@
-"""The real training loop, timed: `main.py -t` for a few hundred steps, per-step time read off its checkpoints.
-
-Everything a user's run does is in the figure: Lightning's loop, the data loader, logging to the progress bar,
-TensorBoard and CSV (every `log_every_n_steps`), the non-finite-loss guard, the adapter snapshots. The run saves an adapter snapshot
-every `every` steps; the time per step is the spread of those snapshots' file times divided by the steps between
-them, and the wall time of 1000 steps is projected as (process wall time - steps x per-step) + 1000 x per-step,
-i.e. the run's fixed cost (start-up, model build, first steps, saving) plus 1000 steady steps. Sample grids are off
-(`batch_frequency=0`); a real 1000-step run adds two of them (steps 500 and 1000), reported separately.
-"""
+"""The real training loop, timed: `main.py -t` (Lightning, data loader, logging, loss guard, adapter snapshots;
+sample grids off: a real 1000-step run adds two), its time per step read off its adapter snapshots' file times."""
 import glob
 import os
 import re
@@ -14,39 +7,41 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 from PIL import Image
 
 
-def write_photos(folder, n, size, seed=0):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
-    return folder
-
-
-def run(config_path, workdir, size, steps, every, gpu, overrides=()):
-    data = write_photos(os.path.join(workdir, "photos"), 4, size)
+def run(config_path, workdir, steps, every, size=None, concepts=1, ckpt=None, gpus=None, overrides=()):
+    """{"steps", "snapshot_every", "process_wall_s", "step_s" (the spread of the first concept's snapshots over the
+    steps between them), "fixed_s" (start-up, model build, first steps, saving: the rest of the wall time), "peak_mb"
+    (the run's peak resident set), "lr_line"} of one run of `concepts` concepts of 4 noise photos each."""
+    roots = [os.path.join(workdir, "photos", f"concept{i}") for i in range(concepts)]
+    for root in roots:
+        os.makedirs(root)
+        for k in range(4):  # the loader resizes them to the config's size, or `size`
+            Image.effect_noise((size or 64, size or 64), 64).convert("RGB").save(os.path.join(root, f"{k}.png"))
     logdir = os.path.join(workdir, "logs")
-    argv = [sys.executable, "-m", "ldm.cli.train", "--base", config_path, "-t", "--data_root", data, "--init_word", "teddybear",
-            "--logdir", logdir, "--seed", "0"] + (["--gpus", "0,"] if gpu else []) + [
-        f"lightning.trainer.max_steps={steps}", f"lightning.modelcheckpoint.params.every_n_train_steps={every}",
-        "lightning.callbacks.image_logger.params.batch_frequency=0", f"data.params.train.params.size={size}",
-        *overrides]
+    argv = [sys.executable, "-m", "ldm.cli.train", "--base", config_path, "-t", "--data_root", *roots,
+            "--init_word", *[f"word{i}" for i in range(concepts)], "--logdir", logdir, "--seed", "0",
+            *(["--actual_resume", ckpt] if ckpt else []), *(["--gpus", gpus] if gpus else []),
+            f"lightning.trainer.max_steps={steps}", f"lightning.modelcheckpoint.params.every_n_train_steps={every}",
+            "lightning.callbacks.image_logger.params.batch_frequency=0",
+            *([f"data.params.train.params.size={size}"] if size else []), *overrides]
     start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"main.py exited {done.returncode}: {tail}")
-    files = glob.glob(os.path.join(logdir, "*", "checkpoints", "adapter_gs-*", "catversion.safetensors"))
-    snapshots = sorted((int(re.search(r"adapter_gs-(\d+)", f).group(1)), os.path.getmtime(f)) for f in files)
+    with open(os.path.join(workdir, "run.log"), "w+") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # its rusage: the run's peak resident set
+        wall = time.perf_counter() - start
+        log.seek(0)
+        lines = log.read().splitlines()
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"main.py exited {os.waitstatus_to_exitcode(status)}: {(lines or ['no output'])[-1]}")
+    first = os.path.join(logdir, "*", "checkpoints", *(["concept0"] if concepts > 1 else []), "adapter_gs-*")
+    snapshots = sorted((int(re.search(r"adapter_gs-(\d+)$", d).group(1)),
+                        os.path.getmtime(os.path.join(d, "catversion.safetensors"))) for d in glob.glob(first))
     if len(snapshots) < 2:
-        raise RuntimeError(f"expected adapter snapshots every {every} steps, found {len(snapshots)}")
+        raise RuntimeError(f"expected adapter snapshots every {every} steps, found {len(snapshots)}; raise the steps")
     (first_step, first_time), (last_step, last_time) = snapshots[0], snapshots[-1]
-    per_step = (last_time - first_time) / (last_step - first_step)
-    return {"steps": steps, "snapshot_every": every, "process_wall_s": wall, "step_s": per_step,
-            "fixed_s": wall - steps * per_step, "projected_1000_steps_s": wall - steps * per_step + 1000 * per_step,
-            "overrides": list(overrides), "lr_line": next((line for line in done.stdout.splitlines()
-                                                           if "learning rate" in line.lower()), "")}
+    step_s = (last_time - first_time) / (last_step - first_step)
+    return {"steps": steps, "snapshot_every": every, "process_wall_s": wall, "step_s": step_s,
+            "fixed_s": wall - steps * step_s, "peak_mb": usage.ru_maxrss / 1024,  # Linux: KiB
+            "lr_line": next((line for line in lines if "learning rate" in line.lower()), "")}

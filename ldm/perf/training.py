@@ -1,11 +1,6 @@
-"""Training steps of one model under the options a user can choose, timed in turn on the same inputs.
-
-A variant is a set of `model.params.fast` options plus two switches the reference never had: fused attention
-(the reference-equivalent path forces PyTorch's plain "math" attention) and TF32 matrix products. Each variant's
-figure is the mean over `steps` consecutive steps with one device synchronisation at the end, as a training loop
-runs them (a sync after every step would hide the overlap of Python with the GPU); peak memory is CUDA's max
-allocated over those steps (weights included), or on a CPU the process's peak resident set.
-"""
+"""Training steps of one model under the options a user can choose. A variant is a set of `model.params.fast`
+options plus two switches the reference never had: fused attention (the reference-equivalent path forces PyTorch's
+plain "math" attention) and TF32 matrix products."""
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -16,11 +11,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ldm.modules.encoders.concat_kv import ConcatKV
 from ldm.perf.device import measure_step
 
-CAPTION = "teddybear"
-# What the reference does: every network every step, fp32, plain attention, nothing cached, nothing recomputed.
-REFERENCE_FAST = {"cache_latents": False, "cache_text": False, "precision": "fp32", "gradient_checkpointing": False,
-                  "channels_last": False, "compile": False}
-
 
 @dataclass
 class Variant:
@@ -29,48 +19,41 @@ class Variant:
     math_attention: bool = False
     tf32: bool = False
 
-    @property
-    def compiled(self):
-        return bool(self.fast.get("compile"))
 
-
-def fast(precision, checkpointing, compile=False):
+def fast(precision, checkpointing=False, compile=False, channels_last="auto"):
     return {"cache_latents": True, "cache_text": True, "precision": precision, "gradient_checkpointing": checkpointing,
-            "channels_last": "auto", "compile": compile}
+            "channels_last": channels_last, "compile": compile}
 
 
-def standard_variants(with_compile=True):
-    """The reference-equivalent path, then the fast path in fp32 (with and without TF32) and bf16, each with and
-    without gradient checkpointing; compiled variants last (they cost minutes of compilation)."""
-    variants = [Variant("reference", REFERENCE_FAST, math_attention=True)]
-    # fp32 before bf16: bf16 leaves the UNet's weights rounded to bf16 (LatentDiffusion._hold_unet_weights).
-    for precision in ("fp32", "bf16"):
-        for checkpointing in (False, True):
-            name = f"fast {precision}" + (" + checkpointing" if checkpointing else "")
-            variants.append(Variant(name, fast(precision, checkpointing)))
-        if precision == "fp32":
-            variants.append(Variant("fast fp32 + TF32", fast("fp32", False), tf32=True))
-    if with_compile:
-        variants.append(Variant("fast bf16 + compile", fast("bf16", False, compile=True)))
-        variants.append(Variant("fast bf16 + checkpointing + compile", fast("bf16", True, compile=True)))
-    return variants
+def variant(precision, checkpointing=False, compile=False, tf32=False):
+    """The fast path with these options, named after them."""
+    switches = (("checkpointing", checkpointing), ("TF32", tf32), ("compile", compile))
+    name = " + ".join([f"fast {precision}"] + [switch for switch, on in switches if on])
+    return Variant(name, fast(precision, checkpointing, compile), tf32=tf32)
+
+
+# What the reference does: every network every step, fp32, plain attention, nothing cached, nothing recomputed.
+REFERENCE = Variant("reference", {**fast("fp32", channels_last=False), "cache_latents": False, "cache_text": False},
+                    math_attention=True)
+# fp32 before bf16: bf16 leaves the UNet's weights rounded to bf16 (LatentDiffusion._hold_unet_weights); compiled
+# variants apart (they cost minutes of compilation).
+STANDARD = [REFERENCE, variant("fp32"), variant("fp32", True), variant("fp32", tf32=True), variant("bf16"),
+            variant("bf16", True)]
+COMPILED = [variant("bf16", compile=True), variant("bf16", True, compile=True)]
 
 
 def make_batch(batch_size, H, W, device, seed=0):
     """Random images in [-1, 1] as PersonalizedBase yields them (b, H, W, 3), one caption, cache keys."""
     g = torch.Generator().manual_seed(seed)
-    return {
-        "image": (torch.rand(batch_size, H, W, 3, generator=g) * 2 - 1).to(device),
-        "caption": [CAPTION] * batch_size,
-        "index": list(range(batch_size)),
-        "flip": [i % 2 == 1 for i in range(batch_size)],
-    }
+    return {"image": (torch.rand(batch_size, H, W, 3, generator=g) * 2 - 1).to(device),
+            "caption": ["teddybear"] * batch_size, "index": list(range(batch_size)),
+            "flip": [i % 2 == 1 for i in range(batch_size)]}
 
 
 def use_variant(model, variant):
     """Switch `model` (on its device) to `variant`'s options; returns the attention context to train under."""
     model.fast = model.check_fast_options(variant.fast)
-    if variant.compiled:  # a fresh compilation: guards of an earlier one were taken with other module settings
+    if variant.fast["compile"]:  # a fresh compilation: guards of an earlier one were taken with other module settings
         torch._dynamo.reset()
         object.__setattr__(model, "_compiled_unet", None)
     model.prepare_fast_path()
@@ -87,90 +70,56 @@ def train_step(model, optimizer, batch):
 
 
 def measure_variant(model, optimizer, batch, variant, steps, warmup):
-    """`measure_step` of `variant`'s training step."""
-    attention = use_variant(model, variant)
     try:
-        with attention:
+        with use_variant(model, variant):
             return measure_step(lambda: train_step(model, optimizer, batch), model.device, steps, warmup)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-# --- many concepts in one step ---------------------------------------------------------------------------------
-def use_concepts(model, n, seed=0):
-    """Let `model` train `n` concepts at once, as a run of `n` concept folders does: a fresh adapter of `n` concepts
-    shaped as the model's own (n = 1: one concept, the plain path). Returns the adapter it replaced."""
+def measure_concepts(model, n, batch_size, H, W, steps, warmup, seed=0):
+    """Step time and peak memory of `n` concepts trained in one step (batch_size images each) as a run of `n`
+    concept folders trains them: a fresh adapter of `n` concepts shaped as the model's own, each row's concept
+    index in the batch (n = 1: the plain path)."""
     enc = model.cond_stage_model
-    like = enc.adapters[0]
-    torch.manual_seed(seed)
-    enc._attach(ConcatKV(like.width, like.heads, like.layers, like.num_tokens, logit_bias=like.logit_bias, concepts=n),
-                trainable=True, source="benchmark")
-    model.concept_names = [f"concept{i}" for i in range(n)] if n > 1 else []
-    return like
-
-
-def measure_concepts(model, n, batch_size, H, W, steps, warmup, lr=1e-3):
-    """Step time and peak memory of `n` concepts trained in one step (batch_size images each), through the training
-    step itself (`shared_step`, each row's concept index in the batch)."""
-    device = model.device
+    before = enc.adapters[0]
     model.clear_fast_caches()
-    before = use_concepts(model, n)
+    torch.manual_seed(seed)
+    enc._attach(ConcatKV(before.width, before.heads, before.layers, before.num_tokens, logit_bias=before.logit_bias,
+                         concepts=n), trainable=True, source="benchmark")
+    model.concept_names = [f"concept{i}" for i in range(n)] if n > 1 else []
     try:
-        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
-        batch = make_batch(n * batch_size, H, W, device, seed=n)
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+        batch = make_batch(n * batch_size, H, W, model.device, seed=n)
         if n > 1:
             batch["concept"] = [i // batch_size for i in range(n * batch_size)]
-        result = measure_step(lambda: train_step(model, optimizer, batch), device, steps, warmup)
+        result = measure_step(lambda: train_step(model, optimizer, batch), model.device, steps, warmup)
     finally:
-        model.cond_stage_model._attach(before, trainable=True, source="benchmark")
+        enc._attach(before, trainable=True, source="benchmark")
         model.concept_names = []
     return {"concepts": n, "images_per_step": n * batch_size, **result}
 
 
-def measure_diffusers_unet(unet, model, batch_size, H, W, steps, warmup, bf16):
-    """diffusers' UNet alone, as a yardstick: forward and backward to the text context (what reaches the adapter),
-    on noise shaped as our step's latents; no VAE, text layers, loss bookkeeping or optimizer."""
-    device = model.device
-    g = torch.Generator().manual_seed(0)
-    shape = (batch_size, model.channels, H // 8, W // 8)
-    x, noise = torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device)
-    t = torch.randint(0, model.num_timesteps, (batch_size,), generator=g).to(device)
-    context = torch.randn(batch_size, 77, unet.config.cross_attention_dim, generator=g).to(device)
-
-    def step():
-        ctx = context.clone().requires_grad_(True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            eps = unet(x, t, encoder_hidden_states=ctx).sample
-        torch.nn.functional.mse_loss(eps.float(), noise).backward()
-
-    return measure_step(step, device, steps, warmup)
-
-
-# --- smoke test of the fast-path options -------------------------------------------------------------------------
-def option_variants(with_compile):
-    """The fp32 fast path with nothing else on, then each option alone, all "auto" (bf16 on CUDA) and bf16 last (they
-    leave the UNet's weights rounded to bf16). Each with the loss tolerance, relative to the fp32 path's, it must meet:
-    measured on a CPU (tiny model, 3 steps) 2e-7 to 4e-7 for channels-last, 0 for checkpointing, 8e-4 to 3e-3 for
-    bf16; not yet on a GPU."""
-    base = {**fast("fp32", False), "channels_last": False}
-    variants = [("fp32", base, 0.0), ("channels_last", {**base, "channels_last": True}, 1e-4),
-                ("gradient_checkpointing", {**base, "gradient_checkpointing": True}, 1e-4)]
-    variants += [("compile", {**base, "compile": True}, 1e-4)] if with_compile else []
-    auto = {**base, "precision": "auto", "gradient_checkpointing": "auto", "channels_last": "auto"}
-    return variants + [("auto", auto, 5e-2), ("bf16", {**base, "precision": "bf16"}, 5e-2)]
-
-
 def check_fast_options(model, batch, steps=3, with_compile=True, seed=0):
-    """`steps` AdamW steps from the same adapter and random seeds under each option: the losses must be finite and
-    within the option's tolerance of the fp32 path's (fp32 options change only the order of sums; bf16 rounds)."""
+    """`steps` AdamW steps from the same adapter and random seeds under the fp32 fast path with nothing else on, then
+    each option alone, all "auto" (bf16 on CUDA) and bf16 last (they leave the UNet's weights rounded to bf16): the
+    losses must be finite and within the option's tolerance of the fp32 path's (fp32 options change only the order
+    of sums; bf16 rounds). Measured on a CPU (tiny model, 3 steps): 2e-7 to 4e-7 for channels-last, 0 for
+    checkpointing, 8e-4 to 3e-3 for bf16; not yet on a GPU."""
+    base = fast("fp32", channels_last=False)
+    options = [("fp32", base, 0.0), ("channels_last", {**base, "channels_last": True}, 1e-4),
+               ("gradient_checkpointing", {**base, "gradient_checkpointing": True}, 1e-4)]
+    options += [("compile", {**base, "compile": True}, 1e-4)] if with_compile else []
+    auto = {**base, "precision": "auto", "gradient_checkpointing": "auto", "channels_last": "auto"}
+    options += [("auto", auto, 5e-2), ("bf16", {**base, "precision": "bf16"}, 5e-2)]
     start = [p.detach().clone() for p in model.trainable_parameters()]
     out, reference = {}, None
-    for name, options, tolerance in option_variants(with_compile):
+    for name, fast_options, tolerance in options:
         with torch.no_grad():
             for p, p0 in zip(model.trainable_parameters(), start):
                 p.copy_(p0)
         model.clear_fast_caches()
-        use_variant(model, Variant(name, options))
+        use_variant(model, Variant(name, fast_options))
         optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=model.learning_rate)
         losses = []
         for k in range(steps):
@@ -178,6 +127,6 @@ def check_fast_options(model, batch, steps=3, with_compile=True, seed=0):
             losses.append(train_step(model, optimizer, batch).item())
         reference = reference or losses
         diff = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
-        ok = all(map(math.isfinite, losses)) and diff <= tolerance
-        out[name] = {"losses": losses, "max_rel_diff": diff, "tolerance": tolerance, "ok": ok}
+        out[name] = {"losses": losses, "max_rel_diff": diff, "tolerance": tolerance,
+                     "ok": all(map(math.isfinite, losses)) and diff <= tolerance}
     return out
