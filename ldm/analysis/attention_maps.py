@@ -1,21 +1,15 @@
-"""Which pixels each prompt token steers: the UNet's cross-attention maps, as in the reference's prompt-to-prompt notebook.
+"""Which pixels each prompt token steers: the UNet's cross-attention maps, as in the reference's prompt-to-prompt
+notebook.
 
-While a `CrossAttentionRecorder` is active, the cross-attention layers (`attn2` of every transformer block) of the
-chosen resolution compute their attention probabilities explicitly, softmax(QK^T / sqrt(d)) of shape
-(batch, heads, pixels, 77), and hand them to the recorder (see `CrossAttention.probs_hook`). Only the conditional
-half of a classifier-free-guidance batch is kept (LDM puts it second). The recorder sums the head-averaged
-probabilities over every recorded call, i.e. over the layers of that resolution and over the sampling steps, so
-`mean()` is the average over heads, layers and steps: per pixel, a distribution over the 77 token positions.
+While a `CrossAttentionRecorder` is active, the cross-attention layers (`attn2`) with the chosen number of pixels
+compute their probabilities softmax(QK^T / sqrt(d)), (batch, heads, pixels, 77), explicitly and hand them to the
+recorder (see `CrossAttention.probs_hook`), which keeps the conditional half of a guidance batch (LDM puts it second)
+and averages over heads, layers and steps: per pixel, a distribution over the 77 token positions.
 
-Resolution: `downsample` is the UNet level as a factor of the latent side. The default 4 gives the 16x16 layers
-of SD at 512 px (latent 64x64), the resolution prompt-to-prompt averages; for the tiny model at 64 px (latent 8x8)
-it gives 2x2 maps. SD v1 has five cross-attention layers at each of the factors 1, 2 and 4 (two in the encoder,
-three in the decoder) and one at 8 (the middle block). A model without layers at 4 (the toy model has them at 1
-and 2) gets the factor it has nearest to 4 (`pick_downsample`).
-
-Automatic mask (`concept_mask`): the map of a word (the mean over its token positions), upsampled bilinearly to the
-image, min-max normalised to [0, 1] and thresholded (value >= threshold is concept). A constant map carries no
-location, and gives an all-ones mask.
+Resolution: `downsample` is the UNet level as a factor of the latent side. SD v1 has five cross-attention layers at
+each of the factors 1, 2 and 4 (two in the encoder, three in the decoder) and one at 8 (the middle block); 4 gives
+the 16x16 layers of SD at 512 px, the resolution prompt-to-prompt averages. A model without layers at 4 (the toy
+model has them at 1 and 2) gets the factor it has nearest to 4.
 """
 import math
 
@@ -71,16 +65,6 @@ class CrossAttentionRecorder:
         return (self.total / self.calls).cpu()
 
 
-def attention_grid(latent_h, latent_w, downsample):
-    """(h, w) of the feature map `downsample` times smaller than the latent; a ValueError if it does not divide."""
-    if downsample < 1 or downsample & (downsample - 1):
-        raise ValueError(f"--attn_downsample {downsample} must be a power of two (SD v1 has cross-attention at 1, 2, 4, 8)")
-    if latent_h % downsample or latent_w % downsample:
-        raise ValueError(f"--attn_downsample {downsample} does not divide the latent {latent_h}x{latent_w} "
-                         f"(image / 8); pick a smaller factor or an image side that is a multiple of {8 * downsample}")
-    return latent_h // downsample, latent_w // downsample
-
-
 def attention_factors(unet):
     """The factors of the latent side at which `unet` has cross-attention layers, ascending ([1, 2, 4, 8] for SD v1).
 
@@ -95,16 +79,21 @@ def attention_factors(unet):
     return sorted(factors)
 
 
-def pick_downsample(factors, latent_h, latent_w, wanted=4):
-    """`wanted` if the model has cross-attention there, else the factor it has nearest to it (on a log scale; the
-    coarser of two equally near), among those that divide the latent."""
+def pick_downsample(factors, latent_h, latent_w, wanted=None):
+    """`wanted` (a ValueError if the model has no cross-attention there or it does not divide the latent), or by
+    default the factor nearest to 4 on a log scale (the coarser of two equally near) among those that divide it."""
     usable = [f for f in factors if latent_h % f == 0 and latent_w % f == 0]
+    if wanted is not None and wanted not in factors:
+        raise ValueError(f"--attn_downsample {wanted}: this model has no cross-attention layers {wanted} times smaller "
+                         f"than the latent, only {', '.join(map(str, factors))}; pass one of those or omit the flag")
+    if wanted is not None and wanted not in usable:
+        raise ValueError(f"--attn_downsample {wanted} does not divide the latent {latent_h}x{latent_w} (image / 8); "
+                         f"pick a smaller factor or an image side that is a multiple of {8 * wanted}")
     if not usable:
-        raise ValueError(f"no cross-attention layer of this model fits the latent {latent_h}x{latent_w}: its layers are "
-                         f"{', '.join(map(str, factors))} times smaller; pick an image side that is a multiple of {8 * max(factors)}")
-    if wanted in usable:
-        return wanted
-    return min(usable, key=lambda f: (abs(math.log2(f) - math.log2(wanted)), -f))
+        raise ValueError(f"no cross-attention layer of this model fits the latent {latent_h}x{latent_w}: its layers "
+                         f"are {', '.join(map(str, factors))} times smaller; pick an image side that is a multiple of "
+                         f"{8 * max(factors)}")
+    return wanted or min(usable, key=lambda f: (abs(math.log2(f) - 2), -f))
 
 
 def prompt_positions(embedder, prompt, embedding_manager=None):
@@ -129,17 +118,9 @@ def word_positions(embedder, positions, word):
              for p in range(i, i + len(word_ids))]
     if not word_ids or not found:
         shown = " ".join(text for _, _, text in positions[1:-1])
-        raise ValueError(f"--mask_token {word!r} is not in the prompt (its tokens: {shown}); pass a word of the prompt, "
-                         "usually the concept's class word")
+        raise ValueError(f"--mask_token {word!r} is not in the prompt (its tokens: {shown}); pass a word of the "
+                         "prompt, usually the concept's class word")
     return sorted(set(found))
-
-
-def token_maps(mean_probs, h, w):
-    """(batch, h*w, tokens) -> (batch, tokens, h, w)."""
-    b, pixels, tokens = mean_probs.shape
-    if pixels != h * w:
-        raise ValueError(f"maps of {pixels} pixels do not fit a {h}x{w} grid")
-    return mean_probs.transpose(1, 2).reshape(b, tokens, h, w)
 
 
 def upsample_normalised(maps, size):
