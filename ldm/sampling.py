@@ -1,16 +1,7 @@
 """Text-to-image sampling with CatVersion adapters, after the authors' `scripts/txt2img_generator.py`: loading SD plus
-adapters, the cached unconditional embedding, prompt-to-file naming, option checks, and `generate()`.
-
-Kept from the authors' sampler:
-- seeds: `torch.manual_seed(seed)` before each iteration, `seed + 1` for the next; every prompt starts at `seed`, so
-  prompts of one run share their noise;
-- pixels are `uint8(255 * clamp((x + 1) / 2, 0, 1))`, truncated as their numpy cast does, not rounded.
-Chosen differently (docs/fidelity.md has each difference with the authors' file:line):
-- x_T is drawn on the CPU and then moved, so CPU and GPU runs start alike (theirs draws on the GPU);
-- the unconditional embedding is the empty prompt encoded WITHOUT the adapters, of batch 1, broadcast over the batch
-  by the guidance (theirs loads a shipped `models/uc.pt`, most likely the same tensor);
-- PNG files (theirs: JPEG, quality 75) and seed 42 by default (theirs: 8888).
-`scripts/txt2img.py --authors` switches all of these back at once.
+adapters, the cached unconditional embedding, prompt-to-file naming, option checks, and `generate()`. What is kept
+from their sampler and what differs (x_T drawn on the CPU, the unconditional embedding computed, PNG files, seed 42)
+is in docs/fidelity.md, rows 48-61; `scripts/txt2img.py --authors` switches the differences back.
 """
 import hashlib
 import os
@@ -146,14 +137,9 @@ def expand_strengths(strengths, n_adapters):
 
 
 def load_model(config, ckpt_path, device="cpu", embedding_paths=(), strengths=(1.0,), verbose=True):
-    """LatentDiffusion from `config` (a path or an OmegaConf) and an SD checkpoint, in eval mode on `device`.
-
-    `ckpt_path=None` builds the model with random weights (seeded, the same every time): for smoke tests only.
-    `embedding_paths` are CatVersion adapters; the first replaces any adapter of the config, the others are
-    stacked onto it as further concepts. `strengths`: one for all adapters, or one per adapter. A path ending in
-    `.pt` is a Textual Inversion `embeddings.pt` instead (its placeholder, e.g. `*`, goes in the prompt); its
-    manager becomes `model.embedding_manager`.
-    """
+    """LatentDiffusion from `config` (a path or an OmegaConf) and an SD checkpoint (None: seeded random weights, for
+    smoke tests), in eval mode on `device`, with CatVersion adapters stacked as concepts at `strengths` (one for all or
+    one per adapter); a `.pt` path is a Textual Inversion `embeddings.pt`, its manager `model.embedding_manager`."""
     from ldm.modules.embedding_manager import load_embeddings_into
 
     embeddings = [p for p in embedding_paths if str(p).endswith(".pt")]
@@ -201,12 +187,9 @@ def _device_and_dtype(model):
 
 @torch.no_grad()
 def unconditional_embedding(model, cache_dir=UC_DIR):
-    """The empty prompt encoded without adapters, shape (1, 77, width): the reference's `models/uc.pt`.
-
-    Cached as `<cache_dir>/<base fingerprint>.safetensors` (the adapters never enter it); nothing is cached for a model
-    without fingerprint (random weights) or an empty `cache_dir`. A bad cache file is recomputed and replaced, with a
-    warning; a cache folder that cannot be written only warns.
-    """
+    """The empty prompt encoded without adapters, (1, 77, width): the reference's `models/uc.pt`. Cached as
+    `<cache_dir>/<base fingerprint>.safetensors` unless the model has no fingerprint (random weights) or `cache_dir`
+    is empty; a bad cache file is recomputed with a warning, and so is an unwritable cache folder."""
     from safetensors.torch import load_file, save_file
 
     encoder = model.cond_stage_model
@@ -237,11 +220,8 @@ def unconditional_embedding(model, cache_dir=UC_DIR):
 @torch.no_grad()
 def sample_images(model, cond, uc, seed, H=512, W=512, ddim_steps=50, scale=10.0, ddim_eta=0.0, plms=False,
                   progress=True, noise="cpu"):
-    """One iteration of the reference loop: images in [0, 1], (batch of `cond`, 3, H, W), on the CPU.
-
-    `noise`: "cpu" draws x_T with the CPU generator, so every device starts from the same x_T (ours); "device" draws
-    it on the sampling device after the same `torch.manual_seed(seed)`, as the authors' sampler does (on a GPU
-    another x_T, their images)."""
+    """One iteration of the reference loop: images in [0, 1], (batch of `cond`, 3, H, W), on the CPU. `noise` "cpu"
+    draws x_T with the CPU generator, the same on every device; "device" on the sampling device, as the authors do."""
     device, _ = _device_and_dtype(model)
     shape = (model.channels, H // LATENT_FACTOR, W // LATENT_FACTOR)
     torch.manual_seed(seed)

@@ -1,15 +1,7 @@
-"""Which pixels each prompt token steers: the UNet's cross-attention maps, as in the reference's prompt-to-prompt
-notebook.
-
-While a `CrossAttentionRecorder` is active, the cross-attention layers (`attn2`) with the chosen number of pixels
-compute their probabilities softmax(QK^T / sqrt(d)), (batch, heads, pixels, 77), explicitly and hand them to the
-recorder (see `CrossAttention.probs_hook`), which keeps the conditional half of a guidance batch (LDM puts it second)
-and averages over heads, layers and steps: per pixel, a distribution over the 77 token positions.
-
-Resolution: `downsample` is the UNet level as a factor of the latent side. SD v1 has five cross-attention layers at
-each of the factors 1, 2 and 4 (two in the encoder, three in the decoder) and one at 8 (the middle block); 4 gives
-the 16x16 layers of SD at 512 px, the resolution prompt-to-prompt averages. A model without layers at 4 (the toy
-model has them at 1 and 2) gets the factor it has nearest to 4.
+"""Which pixels each prompt token steers: the UNet's cross-attention maps (as the reference's prompt-to-prompt
+notebook averages them, over heads, layers and steps) and automatic concept masks made from them. SD v1 has five
+cross-attention layers at each of 1, 2 and 4 times below the latent side and one at 8; 4 (16x16 at 512 px) is the
+default, or the factor nearest to it that a model has (the toy model: 1 and 2).
 """
 import math
 
@@ -23,9 +15,9 @@ from ldm.modules.diffusionmodules.openaimodel import Downsample
 class CrossAttentionRecorder:
     """`with CrossAttentionRecorder(unet, pixels, batch) as rec:` sample; then `rec.mean()` -> (batch, pixels, 77).
 
-    `pixels`: the number of query positions (h * w) of the layers to record; `batch`: how many images are sampled
-    (the last `batch` rows of each attention call are theirs). `keep_raw=True` also keeps every recorded call's
-    probabilities, before any averaging, as `(layer name, tensor (batch, heads, pixels, 77))` in `raw`.
+    While active, the cross-attention layers (`attn2`) with `pixels` (h * w) query positions hand their probabilities
+    (batch, heads, pixels, 77) to it (see `CrossAttention.probs_hook`); it keeps the last `batch` rows (LDM puts the
+    conditional half of a guidance batch second). `keep_raw=True` also keeps each call's as `(layer name, probs)`.
     """
 
     def __init__(self, unet, pixels, batch=1, keep_raw=False):
@@ -66,10 +58,8 @@ class CrossAttentionRecorder:
 
 
 def attention_factors(unet):
-    """The factors of the latent side at which `unet` has cross-attention layers, ascending ([1, 2, 4, 8] for SD v1).
-
-    Read from the encoder half and the middle block (the decoder mirrors the encoder): each Downsample halves the
-    side, each SpatialTransformer attends at the side it is at."""
+    """The factors of the latent side at which `unet` has cross-attention layers, ascending ([1, 2, 4, 8] for SD v1),
+    read from the encoder half and the middle block (the decoder mirrors the encoder)."""
     factors, ds = set(), 1
     for block in [*unet.input_blocks, unet.middle_block]:
         if any(isinstance(m, SpatialTransformer) for m in block.modules()):

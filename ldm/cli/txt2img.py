@@ -4,24 +4,12 @@
     python scripts/txt2img.py --ckpt_path models/sd/v1-5.ckpt \\
         --embedding_path logs/teddybear/checkpoints/adapter --prompt "teddybear on the beach" --seed 78
 
-Write prompts with the concept's base class word (the word it was trained with, e.g. `teddybear`): the learned keys
-and values act on every prompt, and turn "a teddybear" into "this teddybear". Images go to
-<outdir>/<prompt-with-dashes>/<prompt-with-dashes>_<seed>.png, plus grid.png; iteration i uses seed + i.
-
---strength s scales a concept as if its token were present s times (log s added to the extra tokens' attention
-logits): 0 is the base model bit for bit, 1 the adapter as trained, above 1 exaggerates it.
-
-Several --embedding_path values stack concepts: their keys/values are concatenated in the same layers, inside one
-softmax, each adding its own residual (a little diluted by the others). That works for concepts of DIFFERENT class
-words (`teddybear` and `colorful_teapot` in one prompt; raise --strength of a weak one); two concepts of the SAME
-class word steer the same word and blend into one object.
-
-The unconditional embedding (empty prompt, encoded without adapters) is computed once per base model and cached in
---uc_dir under the checkpoint's fingerprint (the authors ship theirs as models/uc.pt instead).
-
---authors switches every sampling difference in docs/fidelity.md to the authors' sampler at once: seed 8888, 2
-iterations, x_T drawn on the sampling device, their uc.pt (models/authors/uc.pt), JPEG files at quality 75 with their
-names, TF32 on. Flags given explicitly still win, e.g. `--authors --seed 78 --n_iter 1` is one example of their run.sh.
+Write prompts with the concept's base class word (e.g. `teddybear`): the learned keys and values act on every prompt.
+Images go to <outdir>/<prompt-with-dashes>/<prompt-with-dashes>_<seed>.png, plus grid.png; iteration i uses seed + i.
+Several --embedding_path values stack concepts of DIFFERENT class words (raise the --strength of a weak one); two
+concepts of the same class word blend into one object. The unconditional embedding (the empty prompt, without
+adapters) is cached per base model in --uc_dir. --authors switches every sampling difference in docs/fidelity.md to
+the authors' sampler; flags given explicitly still win (`--authors --seed 78 --n_iter 1` is one example of run.sh).
 """
 import argparse
 import os

@@ -1,12 +1,10 @@
 """CatVersion concepts inside diffusers: `apply_catversion(pipe.text_encoder, adapter)` patches the transformers
 `CLIPTextModel` of a `StableDiffusionPipeline` (README, "Using a concept in diffusers", has the example).
 
-The text encoder then computes what our `FrozenCLIPEmbedder` computes, through the same code: `adapter_load` reads
-the files, the embedder builds the extra keys/values and hands them to every layer in the `catversion_kv` keyword,
-and `concat_kv_attention` is the text encoder's attention function. Its parameters and state dict are untouched.
-Pass the empty prompt encoded inside `patch.disabled()` as `negative_prompt_embeds`: the pipeline would encode it
-with the patched text encoder, so the concept would act on both halves of classifier-free guidance, where our sampler
-(like the reference's `uc.pt`) encodes it without the adapter.
+The text encoder then computes what our `FrozenCLIPEmbedder` computes, through the same code (the embedder's extra
+keys/values, passed to every layer as `catversion_kv`, and `concat_kv_attention`); its parameters are untouched.
+Pass the empty prompt encoded inside `patch.disabled()` as `negative_prompt_embeds`, as our sampler (like the
+reference's `uc.pt`) encodes it without the adapter: else the concept acts on both halves of the guidance.
 """
 import torch
 from transformers import CLIPTextModel
@@ -18,12 +16,8 @@ _PATCH_ATTRIBUTE = "_catversion_patch"
 
 
 def apply_catversion(text_encoder, adapter_path, strength=1.0):
-    """Make `text_encoder` (a transformers `CLIPTextModel`, e.g. `pipe.text_encoder`) render a CatVersion concept.
-
-    `adapter_path`: an adapter folder, a `catversion.safetensors` or the authors' `pytorch_adapter.bin`.
-    `strength`: 0 = base model, 1 = as trained (see `ConcatKV`). Calling it again on a patched text encoder
-    stacks a further concept, as several `--embedding_path` values do in txt2img. Returns the `CatVersionPatch`.
-    """
+    """Make `text_encoder` (a transformers `CLIPTextModel`) render the concept of an adapter folder, `.safetensors` or
+    the authors' `.bin` at `strength` (0 = base model, 1 = as trained); called again, it stacks a further concept."""
     patch = getattr(text_encoder, _PATCH_ATTRIBUTE, None) or CatVersionPatch(text_encoder)
     try:
         # stack=True also for the first: it loads the adapter frozen (nothing trains here) into the empty stack.
@@ -36,10 +30,8 @@ def apply_catversion(text_encoder, adapter_path, strength=1.0):
 
 
 class CatVersionPatch:
-    """What `apply_catversion` did to one text encoder: `adapters`, `disabled()` and `remove()`.
-
-    The adapters follow the device of the token ids, so moving or offloading the pipeline after patching works.
-    """
+    """What `apply_catversion` did to one text encoder: `adapters`, `disabled()` and `remove()`. The adapters follow
+    the device of the token ids, so moving or offloading the pipeline after patching works."""
 
     def __init__(self, text_encoder):
         if not isinstance(text_encoder, CLIPTextModel):

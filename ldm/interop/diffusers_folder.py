@@ -26,11 +26,10 @@ _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj":
 def unet_to_ldm(state):
     """diffusers `UNet2DConditionModel` keys -> `model.diffusion_model.*` (our `UNetModel`).
 
-    LDM numbers its blocks flat. `input_blocks.0` is conv_in; then each resolution level has `per_level` blocks
-    (resnet `.0`, attention `.1` on levels with cross-attention) and, except on the last level, one downsampler
-    block (`.0.op`). Going up, each level has `per_level + 1` blocks; the upsampler is the last module of the
-    level's last block: `.1.conv` after a plain resnet, `.2.conv` after resnet and attention. Transformer
-    blocks inside the attentions (`transformer_blocks.0.attn1.to_q`, ...) are spelled alike in both layouts.
+    LDM numbers its blocks flat: `input_blocks.0` is conv_in, then each level has `per_level` blocks (resnet `.0`,
+    attention `.1` where there is cross-attention) and, but on the last level, a downsampler block (`.0.op`). Going
+    up, each level has `per_level + 1` blocks, the upsampler last in its last block: `.1.conv` after a plain resnet,
+    `.2.conv` after resnet and attention. The transformer blocks inside attentions are spelled alike in both.
     """
     per_level = len(_levels(state, r"down_blocks\.0\.resnets\.(\d+)\."))
     n = per_level + 1
@@ -71,12 +70,9 @@ _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "
 
 
 def vae_to_ldm(state):
-    """diffusers `AutoencoderKL` keys -> `first_stage_model.*` (our `AutoencoderKL`).
-
-    The decoder's levels run the other way: diffusers' `up_blocks.0` is the lowest resolution, LDM's `up.0` the
-    highest. The mid-block attention is Linear in diffusers and 1x1 Conv2d in LDM, so its weights become
-    `[out, in, 1, 1]`.
-    """
+    """diffusers `AutoencoderKL` keys -> `first_stage_model.*`. The decoder's levels run the other way (diffusers'
+    `up_blocks.0` is the lowest resolution, LDM's `up.0` the highest); the mid-block attention is Linear in diffusers
+    and 1x1 Conv2d in LDM, so its weights become `[out, in, 1, 1]`."""
     n_up = len(_levels(state, r"decoder\.up_blocks\.(\d+)\."))
 
     def key_fn(key):
