@@ -89,14 +89,12 @@ class SamplingOptions:
                                  f"{LATENT_FACTOR}x{LATENT_FACTOR} pixel blocks); try {near}")
         check_non_negative("--scale", self.scale, "1 = no guidance, the reference uses 10")
         check_non_negative("--ddim_eta", self.ddim_eta, "0 = deterministic DDIM")
-        for flag in ("n_samples", "n_iter", "ddim_steps"):
-            if getattr(self, flag) < 1:
-                raise ValueError(f"--{flag} {getattr(self, flag)} must be at least 1")
+        for flag, least in (("n_samples", 1), ("n_iter", 1), ("ddim_steps", 1), ("seed", 0)):
+            if getattr(self, flag) < least:
+                raise ValueError(f"--{flag} {getattr(self, flag)} must be at least {least}")
         if self.plms and self.ddim_eta != 0:
             raise ValueError(f"--plms is deterministic and takes no --ddim_eta (got {self.ddim_eta}); "
                              "drop --ddim_eta or --plms")
-        if self.seed < 0:
-            raise ValueError(f"--seed {self.seed} must be >= 0")
         try:
             ddim_timesteps(self.ddim_steps, num_timesteps)
         except ValueError as e:
@@ -114,11 +112,9 @@ def check_output_dir(path, flag="--outdir"):
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"cannot write to output folder {path}: {existing} is a file, not a folder; "
-                         f"pass another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to output folder {path}: {existing} is not writable; pass another {flag}")
+    if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
+        problem = "is not writable" if os.path.isdir(existing) else "is a file, not a folder"
+        raise ValueError(f"cannot write to output folder {path}: {existing} {problem}; pass another {flag}")
 
 
 def expand_strengths(strengths, n_adapters):
