@@ -39,10 +39,9 @@ def get_parser():
                    help="SD v1.x checkpoint (.ckpt or .safetensors) or diffusers folder; 'none' builds the model with "
                         "random weights, for smoke tests only")
     p.add_argument("--embedding_path", nargs="*", default=[],
-                   help="CatVersion adapter(s): a training run's checkpoints/adapter folder, a catversion.safetensors "
-                        "or the authors' pytorch_adapter.bin; several values stack concepts (see above); a Textual "
-                        "Inversion embeddings.pt also works (put its placeholder, e.g. *, in the prompt); none: "
-                        "plain SD")
+                   help="CatVersion adapter(s) (none: plain SD): a run's checkpoints/adapter folder, a catversion."
+                        "safetensors or the authors' pytorch_adapter.bin, several stacking concepts; or a Textual "
+                        "Inversion embeddings.pt (put its placeholder, e.g. *, in the prompt)")
     p.add_argument("--strength", type=float, nargs="+", default=[1.0],
                    help="concept strength, one for all adapters or one per adapter: 0 = base model, 1 = as trained")
     p.add_argument("--uc_dir", default="models/uc",
@@ -117,19 +116,14 @@ def run(opt):
     return results
 
 
-def _print_warning(message, category, filename, lineno, file=None, line=None):
-    # One plain line on stderr: a truncated prompt must be noticed, not buried under a source-code excerpt.
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def main(argv=None):
     from ldm.util import one_line_errors
 
     opt = parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = _print_warning
-        with one_line_errors(opt.debug):
-            return run(opt)
+    with warnings.catch_warnings(), one_line_errors(opt.debug):
+        # One plain line on stderr: a truncated prompt must be noticed, not buried under a source-code excerpt.
+        warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+        return run(opt)
 
 
 if __name__ == "__main__":
