@@ -1,5 +1,5 @@
-"""Which pixels each prompt token steers: the UNet's cross-attention maps (as the reference's prompt-to-prompt
-notebook averages them, over heads, layers and steps) and automatic concept masks made from them. SD v1 has five
+"""Which pixels each prompt token steers: the UNet's cross-attention maps, as in the reference's prompt-to-prompt
+notebook (averaged over heads, layers and steps), and automatic concept masks made from them. SD v1 has five
 cross-attention layers at each of 1, 2 and 4 times below the latent side and one at 8; 4 (16x16 at 512 px) is the
 default, or the factor nearest to it that a model has (the toy model: 1 and 2).
 """
@@ -26,7 +26,7 @@ class CrossAttentionRecorder:
         if not self.layers:
             raise ValueError("no cross-attention layers found; pass the UNet (model.model.diffusion_model)")
         self.pixels, self.batch, self.keep_raw = int(pixels), int(batch), keep_raw
-        self.total, self.calls, self.raw, self.seen = None, 0, [], set()
+        self.total, self.calls, self.raw, self.seen = 0, 0, [], set()
 
     def __enter__(self):
         for module in self.layers:
@@ -45,8 +45,7 @@ class CrossAttentionRecorder:
         probs = probs[-self.batch:].detach().float()
         if self.keep_raw:
             self.raw.append((self.layers[module], probs.cpu()))
-        heads_mean = probs.mean(dim=1)
-        self.total = heads_mean if self.total is None else self.total + heads_mean
+        self.total = self.total + probs.mean(dim=1)
         self.calls += 1
 
     def mean(self):
