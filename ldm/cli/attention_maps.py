@@ -49,6 +49,11 @@ def get_parser():
     return p
 
 
+def file_label(text):
+    """A token's text as a safe file-name part (`<|startoftext|>` -> `startoftext`, `*` -> `tok`)."""
+    return re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-")[:40] or "tok"
+
+
 def run(opt):
     import torch
 
@@ -110,11 +115,6 @@ def run(opt):
         results.append(result)
         print(message)
     return results
-
-
-def file_label(text):
-    """A token's text as a safe file-name part (`<|startoftext|>` -> `startoftext`, `*` -> `tok`)."""
-    return re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-")[:40] or "tok"
 
 
 def main(argv=None):
