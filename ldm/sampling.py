@@ -134,8 +134,9 @@ def expand_strengths(strengths, n_adapters):
 
 def load_model(config, ckpt_path, device="cpu", embedding_paths=(), strengths=(1.0,), verbose=True):
     """LatentDiffusion from `config` (a path or an OmegaConf) and an SD checkpoint (None: seeded random weights, for
-    smoke tests), in eval mode on `device`, with CatVersion adapters stacked as concepts at `strengths` (one for all or
-    one per adapter); a `.pt` path is a Textual Inversion `embeddings.pt`, its manager `model.embedding_manager`."""
+    smoke tests), in eval mode on `device`. The first CatVersion adapter replaces any of the config, the others stack
+    onto it as concepts, at `strengths` (one for all or one per adapter); a `.pt` path is a Textual Inversion
+    `embeddings.pt`, its manager `model.embedding_manager`."""
     from ldm.modules.embedding_manager import load_embeddings_into
 
     embeddings = [p for p in embedding_paths if str(p).endswith(".pt")]
@@ -185,7 +186,7 @@ def _device_and_dtype(model):
 def unconditional_embedding(model, cache_dir=UC_DIR):
     """The empty prompt encoded without adapters, (1, 77, width): the reference's `models/uc.pt`. Cached as
     `<cache_dir>/<base fingerprint>.safetensors` unless the model has no fingerprint (random weights) or `cache_dir`
-    is empty; a bad cache file is recomputed with a warning, and so is an unwritable cache folder."""
+    is empty; a bad cache file is recomputed and replaced, with a warning; an unwritable cache folder only warns."""
     from safetensors.torch import load_file, save_file
 
     encoder = model.cond_stage_model
