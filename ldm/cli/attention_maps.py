@@ -83,7 +83,6 @@ def run(opt):
         print(f"Attention maps from the {h}x{w} cross-attention layers (--attn_downsample {downsample}; this model's "
               f"layers are {', '.join(map(str, factors))} times smaller than the latent)")
     positions = am.prompt_positions(model.cond_stage_model, opt.prompt, model.embedding_manager)
-    labels = [text for _, _, text in positions]
     if opt.mask_token is not None:
         mask_positions = am.word_positions(model.cond_stage_model, positions, opt.mask_token)
     uc = sampling.unconditional_embedding(model, opt.uc_dir) if opt.scale != 1.0 else None
@@ -105,7 +104,7 @@ def run(opt):
                     for heat in am.upsample_normalised(maps[[p for p, _, _ in positions]], (opt.H, opt.W))]
         result["maps"] = [sampling.save_image(overlay, os.path.join(folder, f"{pos:02d}_{file_label(text)}.png"))
                           for (pos, _, text), overlay in zip(positions, overlays)]
-        save_sheet(result["grid"], [[pixels, *overlays]], [f"seed {seed}"], ["image", *labels])
+        save_sheet(result["grid"], [[pixels, *overlays]], [f"seed {seed}"], ["image", *(text for _, _, text in positions)])
         message = f"{stem}: {len(result['maps'])} token maps in {folder}"
         if opt.mask_token is not None:
             mask = am.concept_mask(maps, mask_positions, (opt.H, opt.W), opt.mask_threshold)
