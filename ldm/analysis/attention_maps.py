@@ -1,21 +1,7 @@
-"""Which pixels each prompt token steers: the UNet's cross-attention maps, as in the reference's prompt-to-prompt notebook.
-
-While a `CrossAttentionRecorder` is active, the cross-attention layers (`attn2` of every transformer block) of the
-chosen resolution compute their attention probabilities explicitly, softmax(QK^T / sqrt(d)) of shape
-(batch, heads, pixels, 77), and hand them to the recorder (see `CrossAttention.probs_hook`). Only the conditional
-half of a classifier-free-guidance batch is kept (LDM puts it second). The recorder sums the head-averaged
-probabilities over every recorded call, i.e. over the layers of that resolution and over the sampling steps, so
-`mean()` is the average over heads, layers and steps: per pixel, a distribution over the 77 token positions.
-
-Resolution: `downsample` is the UNet level as a factor of the latent side. The default 4 gives the 16x16 layers
-of SD at 512 px (latent 64x64), the resolution prompt-to-prompt averages; for the tiny model at 64 px (latent 8x8)
-it gives 2x2 maps. SD v1 has five cross-attention layers at each of the factors 1, 2 and 4 (two in the encoder,
-three in the decoder) and one at 8 (the middle block). A model without layers at 4 (the toy model has them at 1
-and 2) gets the factor it has nearest to 4 (`pick_downsample`).
-
-Automatic mask (`concept_mask`): the map of a word (the mean over its token positions), upsampled bilinearly to the
-image, min-max normalised to [0, 1] and thresholded (value >= threshold is concept). A constant map carries no
-location, and gives an all-ones mask.
+"""Which pixels each prompt token steers: the UNet's cross-attention maps, as in the reference's prompt-to-prompt
+notebook (averaged over heads, layers and steps), and automatic concept masks made from them. SD v1 has five
+cross-attention layers at each of 1, 2 and 4 times below the latent side and one at 8; 4 (16x16 at 512 px) is the
+default, or the factor nearest to it that a model has (the toy model: 1 and 2).
 """
 import math
 
@@ -29,9 +15,9 @@ from ldm.modules.diffusionmodules.openaimodel import Downsample
 class CrossAttentionRecorder:
     """`with CrossAttentionRecorder(unet, pixels, batch) as rec:` sample; then `rec.mean()` -> (batch, pixels, 77).
 
-    `pixels`: the number of query positions (h * w) of the layers to record; `batch`: how many images are sampled
-    (the last `batch` rows of each attention call are theirs). `keep_raw=True` also keeps every recorded call's
-    probabilities, before any averaging, as `(layer name, tensor (batch, heads, pixels, 77))` in `raw`.
+    While active, the cross-attention layers (`attn2`) with `pixels` (h * w) query positions hand their probabilities
+    (batch, heads, pixels, 77) to it (see `CrossAttention.probs_hook`); it keeps the last `batch` rows (LDM puts the
+    conditional half of a guidance batch second). `keep_raw=True` also keeps each call's as `(layer name, probs)`.
     """
 
     def __init__(self, unet, pixels, batch=1, keep_raw=False):
@@ -40,7 +26,7 @@ class CrossAttentionRecorder:
         if not self.layers:
             raise ValueError("no cross-attention layers found; pass the UNet (model.model.diffusion_model)")
         self.pixels, self.batch, self.keep_raw = int(pixels), int(batch), keep_raw
-        self.total, self.calls, self.raw, self.seen = None, 0, [], set()
+        self.total, self.calls, self.raw, self.seen = 0, 0, [], set()
 
     def __enter__(self):
         for module in self.layers:
@@ -59,8 +45,7 @@ class CrossAttentionRecorder:
         probs = probs[-self.batch:].detach().float()
         if self.keep_raw:
             self.raw.append((self.layers[module], probs.cpu()))
-        heads_mean = probs.mean(dim=1)
-        self.total = heads_mean if self.total is None else self.total + heads_mean
+        self.total = self.total + probs.mean(dim=1)
         self.calls += 1
 
     def mean(self):
@@ -71,21 +56,9 @@ class CrossAttentionRecorder:
         return (self.total / self.calls).cpu()
 
 
-def attention_grid(latent_h, latent_w, downsample):
-    """(h, w) of the feature map `downsample` times smaller than the latent; a ValueError if it does not divide."""
-    if downsample < 1 or downsample & (downsample - 1):
-        raise ValueError(f"--attn_downsample {downsample} must be a power of two (SD v1 has cross-attention at 1, 2, 4, 8)")
-    if latent_h % downsample or latent_w % downsample:
-        raise ValueError(f"--attn_downsample {downsample} does not divide the latent {latent_h}x{latent_w} "
-                         f"(image / 8); pick a smaller factor or an image side that is a multiple of {8 * downsample}")
-    return latent_h // downsample, latent_w // downsample
-
-
 def attention_factors(unet):
-    """The factors of the latent side at which `unet` has cross-attention layers, ascending ([1, 2, 4, 8] for SD v1).
-
-    Read from the encoder half and the middle block (the decoder mirrors the encoder): each Downsample halves the
-    side, each SpatialTransformer attends at the side it is at."""
+    """The factors of the latent side at which `unet` has cross-attention layers, ascending ([1, 2, 4, 8] for SD v1),
+    read from the encoder half and the middle block (the decoder mirrors the encoder)."""
     factors, ds = set(), 1
     for block in [*unet.input_blocks, unet.middle_block]:
         if any(isinstance(m, SpatialTransformer) for m in block.modules()):
@@ -95,16 +68,21 @@ def attention_factors(unet):
     return sorted(factors)
 
 
-def pick_downsample(factors, latent_h, latent_w, wanted=4):
-    """`wanted` if the model has cross-attention there, else the factor it has nearest to it (on a log scale; the
-    coarser of two equally near), among those that divide the latent."""
+def pick_downsample(factors, latent_h, latent_w, wanted=None):
+    """`wanted` (a ValueError if the model has no cross-attention there or it does not divide the latent), or by
+    default the factor nearest to 4 on a log scale (the coarser of two equally near) among those that divide it."""
     usable = [f for f in factors if latent_h % f == 0 and latent_w % f == 0]
+    if wanted is not None and wanted not in factors:
+        raise ValueError(f"--attn_downsample {wanted}: this model has no cross-attention layers {wanted} times smaller "
+                         f"than the latent, only {', '.join(map(str, factors))}; pass one of those or omit the flag")
+    if wanted is not None and wanted not in usable:
+        raise ValueError(f"--attn_downsample {wanted} does not divide the latent {latent_h}x{latent_w} (image / 8); "
+                         f"pick a smaller factor or an image side that is a multiple of {8 * wanted}")
     if not usable:
-        raise ValueError(f"no cross-attention layer of this model fits the latent {latent_h}x{latent_w}: its layers are "
-                         f"{', '.join(map(str, factors))} times smaller; pick an image side that is a multiple of {8 * max(factors)}")
-    if wanted in usable:
-        return wanted
-    return min(usable, key=lambda f: (abs(math.log2(f) - math.log2(wanted)), -f))
+        raise ValueError(f"no cross-attention layer of this model fits the latent {latent_h}x{latent_w}: its layers "
+                         f"are {', '.join(map(str, factors))} times smaller; pick an image side that is a multiple of "
+                         f"{8 * max(factors)}")
+    return wanted or min(usable, key=lambda f: (abs(math.log2(f) - 2), -f))
 
 
 def prompt_positions(embedder, prompt, embedding_manager=None):
@@ -129,17 +107,9 @@ def word_positions(embedder, positions, word):
              for p in range(i, i + len(word_ids))]
     if not word_ids or not found:
         shown = " ".join(text for _, _, text in positions[1:-1])
-        raise ValueError(f"--mask_token {word!r} is not in the prompt (its tokens: {shown}); pass a word of the prompt, "
-                         "usually the concept's class word")
+        raise ValueError(f"--mask_token {word!r} is not in the prompt (its tokens: {shown}); pass a word of the "
+                         "prompt, usually the concept's class word")
     return sorted(set(found))
-
-
-def token_maps(mean_probs, h, w):
-    """(batch, h*w, tokens) -> (batch, tokens, h, w)."""
-    b, pixels, tokens = mean_probs.shape
-    if pixels != h * w:
-        raise ValueError(f"maps of {pixels} pixels do not fit a {h}x{w} grid")
-    return mean_probs.transpose(1, 2).reshape(b, tokens, h, w)
 
 
 def upsample_normalised(maps, size):

@@ -6,10 +6,8 @@
         --mask_token teddybear
 
 DDIM samples the prompt (as txt2img does, same seeds) while recording the UNet's cross-attention probabilities of
-the layers `--attn_downsample` times smaller than the latent (default 4: the 16x16 layers of SD at 512 px; a model
-without layers there, such as the toy model, gets the factor it has nearest to 4), averaged over heads, those layers
-and all steps (see ldm/analysis/attention_maps.py). Writes, for each image <stem>
-(`<prompt-with-dashes>_<seed>`, as txt2img names it):
+the layers `--attn_downsample` times smaller than the latent, averaged over heads, those layers and all steps (see
+ldm/analysis/attention_maps.py). Writes, for each image <stem> (`<prompt-with-dashes>_<seed>`, as txt2img names it):
 
     <outdir>/samples/<stem>.png                       the generated image
     <outdir>/attention/<stem>/<pos>_<token>.png       one heat map per token position, BOS to EOS
@@ -19,18 +17,12 @@ and all steps (see ldm/analysis/attention_maps.py). Writes, for each image <stem
 The mask is the --mask_token word's map (mean over its tokens) upsampled to the image, normalised to [0, 1] and
 thresholded at --mask_threshold. It is named like the image, so that
 `scripts/evaluate.py --gen_dir <outdir>/samples --gen_masks <masks_out>` picks it up.
-
---embedding_path takes CatVersion adapters (folders, .safetensors, .bin) and Textual Inversion embeddings (.pt);
-with the latter, write the placeholder (e.g. `*`) in the prompt.
 """
 import argparse
 import os
 import re
 
-
 from ldm.util import HelpFormatter, add_sampling_args
-
-RANDOM_WEIGHTS = "none"
 
 
 def get_parser():
@@ -38,9 +30,10 @@ def get_parser():
     p.add_argument("--prompt", required=True, help="the prompt to render and analyse")
     p.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml", help="model config")
     p.add_argument("--ckpt_path", default="models/sd/v1-5.ckpt",
-                   help=f"SD v1.x checkpoint; '{RANDOM_WEIGHTS}' builds random weights (smoke tests only)")
+                   help="SD v1.x checkpoint; 'none' builds random weights (smoke tests only)")
     p.add_argument("--embedding_path", nargs="*", default=[],
-                   help="CatVersion adapter(s) (folder/.safetensors/.bin) and/or a Textual Inversion embeddings .pt")
+                   help="CatVersion adapter(s) (folder/.safetensors/.bin) and/or a Textual Inversion embeddings .pt "
+                        "(write its placeholder, e.g. *, in the prompt)")
     p.add_argument("--outdir", default="outputs/attention-maps", help="folder to write results to")
     p.add_argument("--n_iter", type=int, default=1, help="images per prompt; image i uses seed + i")
     add_sampling_args(p)
@@ -61,22 +54,6 @@ def file_label(text):
     return re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-")[:40] or "tok"
 
 
-def load(opt, device):
-    from ldm import sampling
-    from ldm.modules.embedding_manager import load_embeddings_into
-
-    ckpt_path = None if opt.ckpt_path.lower() == RANDOM_WEIGHTS else opt.ckpt_path
-    textual = [p for p in opt.embedding_path if p.endswith(".pt")]
-    adapters = [p for p in opt.embedding_path if not p.endswith(".pt")]
-    if len(textual) > 1:
-        raise ValueError(f"{len(textual)} Textual Inversion .pt files; pass one (it may hold several placeholders)")
-    model = sampling.load_model(opt.config, ckpt_path, device, adapters, verbose=False)
-    manager = getattr(model, "embedding_manager", None)
-    if textual:
-        manager = load_embeddings_into(model.cond_stage_model, textual[0])
-    return model, manager
-
-
 def run(opt):
     import torch
 
@@ -87,60 +64,55 @@ def run(opt):
 
     device = resolve_device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     options = sampling.SamplingOptions.from_args(opt).check()
-    latent = (opt.H // sampling.LATENT_FACTOR, opt.W // sampling.LATENT_FACTOR)
-    if opt.attn_downsample is not None:
-        am.attention_grid(*latent, opt.attn_downsample)  # a factor that cannot fit fails before the model loads
     if opt.mask_token is not None and not 0.0 < opt.mask_threshold < 1.0:
-        raise ValueError(f"--mask_threshold {opt.mask_threshold} must lie strictly between 0 and 1 (0.5 is a usual choice)")
+        raise ValueError(f"--mask_threshold {opt.mask_threshold} must lie strictly between 0 and 1 "
+                         "(0.5 is a usual choice)")
     masks_out = opt.masks_out or os.path.join(opt.outdir, "masks")
     for folder in (opt.outdir, masks_out):
         sampling.check_output_dir(folder)
     name = sampling.prompt_to_name(opt.prompt)
 
-    model, manager = load(opt, device)
-    factors = am.attention_factors(model.model.diffusion_model)
-    downsample = opt.attn_downsample
-    if downsample is None:
-        downsample = am.pick_downsample(factors, *latent)
-    elif downsample not in factors:
-        raise ValueError(f"--attn_downsample {downsample}: this model has no cross-attention layers {downsample} times "
-                         f"smaller than the latent, only {', '.join(map(str, factors))}; pass one of those or omit the flag")
-    h, w = am.attention_grid(*latent, downsample)
+    ckpt_path = None if opt.ckpt_path.lower() == "none" else opt.ckpt_path
+    model = sampling.load_model(opt.config, ckpt_path, device, opt.embedding_path, verbose=False)
+    unet = model.model.diffusion_model
+    latent = (opt.H // sampling.LATENT_FACTOR, opt.W // sampling.LATENT_FACTOR)
+    factors = am.attention_factors(unet)
+    downsample = am.pick_downsample(factors, *latent, opt.attn_downsample)
+    h, w = latent[0] // downsample, latent[1] // downsample
     if opt.attn_downsample is None:
         print(f"Attention maps from the {h}x{w} cross-attention layers (--attn_downsample {downsample}; this model's "
               f"layers are {', '.join(map(str, factors))} times smaller than the latent)")
-    encoder = model.cond_stage_model
-    positions = am.prompt_positions(encoder, opt.prompt, manager)
-    mask_positions = am.word_positions(encoder, positions, opt.mask_token) if opt.mask_token is not None else None
+    positions = am.prompt_positions(model.cond_stage_model, opt.prompt, model.embedding_manager)
+    if opt.mask_token is not None:
+        mask_positions = am.word_positions(model.cond_stage_model, positions, opt.mask_token)
     uc = sampling.unconditional_embedding(model, opt.uc_dir) if opt.scale != 1.0 else None
     cond = model.get_learned_conditioning([opt.prompt])
 
     results = []
-    for i in range(opt.n_iter):
-        stem = f"{name}_{opt.seed + i}"
-        with am.CrossAttentionRecorder(model.model.diffusion_model, h * w, batch=1) as recorder:
-            image = options.sample(model, cond, uc, opt.seed + i)[0]
-        maps = am.token_maps(recorder.mean(), h, w)[0]  # (77, h, w)
+    for seed in range(opt.seed, opt.seed + opt.n_iter):
+        stem = f"{name}_{seed}"
+        with am.CrossAttentionRecorder(unet, h * w, batch=1) as recorder:
+            image = options.sample(model, cond, uc, seed)[0]
+        maps = recorder.mean()[0].T.reshape(-1, h, w)  # (77 token positions, h, w)
         pixels = sampling.to_uint8(image)
-        os.makedirs(os.path.join(opt.outdir, "samples"), exist_ok=True)
-        result = {"image": sampling.save_image(pixels, os.path.join(opt.outdir, "samples", stem + ".png")), "maps": []}
         folder = os.path.join(opt.outdir, "attention", stem)
-        os.makedirs(folder, exist_ok=True)
-        heat = am.upsample_normalised(maps[[p for p, _, _ in positions]], (opt.H, opt.W))
-        tiles = [pixels]
-        for (pos, _, text), token_heat in zip(positions, heat):
-            overlay = am.heat_overlay(pixels, token_heat)
-            path = os.path.join(folder, f"{pos:02d}_{file_label(text)}.png")
-            result["maps"].append(sampling.save_image(overlay, path))
-            tiles.append(overlay)
-        result["grid"] = os.path.join(folder, "grid.png")
-        save_sheet(result["grid"], [tiles], [f"seed {opt.seed + i}"], ["image"] + [text for _, _, text in positions])
-        if mask_positions is not None:
+        for path in (folder, os.path.join(opt.outdir, "samples")):
+            os.makedirs(path, exist_ok=True)
+        result = {"image": sampling.save_image(pixels, os.path.join(opt.outdir, "samples", stem + ".png")),
+                  "grid": os.path.join(folder, "grid.png")}
+        overlays = [am.heat_overlay(pixels, heat)
+                    for heat in am.upsample_normalised(maps[[p for p, _, _ in positions]], (opt.H, opt.W))]
+        result["maps"] = [sampling.save_image(overlay, os.path.join(folder, f"{pos:02d}_{file_label(text)}.png"))
+                          for (pos, _, text), overlay in zip(positions, overlays)]
+        save_sheet(result["grid"], [[pixels, *overlays]], [f"seed {seed}"], ["image", *(text for _, _, text in positions)])
+        message = f"{stem}: {len(result['maps'])} token maps in {folder}"
+        if opt.mask_token is not None:
             mask = am.concept_mask(maps, mask_positions, (opt.H, opt.W), opt.mask_threshold)
             os.makedirs(masks_out, exist_ok=True)
             result["mask"] = sampling.save_image(mask.to(torch.uint8) * 255, os.path.join(masks_out, stem + ".png"))
+            message += f", mask {result['mask']}"
         results.append(result)
-        print(f"{stem}: {len(result['maps'])} token maps in {folder}" + (f", mask {result['mask']}" if "mask" in result else ""))
+        print(message)
     return results
 
 

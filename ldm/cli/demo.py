@@ -34,7 +34,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=800, help="training steps")
     p.add_argument("--n", type=int, default=16, help="samples per prompt for the metrics (the grid shows 4)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("overrides", nargs="*", default=[], help="config overrides for main.py, e.g. model.base_learning_rate=1e-3")
+    p.add_argument("overrides", nargs="*", help="main.py config overrides, e.g. model.base_learning_rate=1e-3")
     opt = p.parse_args(argv)
     start = time.time()
 
@@ -52,11 +52,12 @@ def main(argv=None):
 
     with one_line_errors(debug=False):
         if not os.path.isfile(opt.ckpt):
-            raise FileNotFoundError(f"toy model {opt.ckpt} not found: `git checkout {TOY_CKPT}` restores the shipped one; "
-                                    "README, \"The toy world\", has the command that retrains it (about 15 minutes)")
+            raise FileNotFoundError(f"toy model {opt.ckpt} not found: `git checkout {TOY_CKPT}` restores the shipped "
+                                    "one; README, \"The toy world\", has the command that retrains it (15 minutes)")
     if not os.path.isdir(opt.data_root):
         write_concept_folder(opt.data_root)
-    print(f"Concept: {opt.data_root} (5 images of a circle striped {' and '.join(CONCEPT_STRIPES)}; captions: `circle`)")
+    stripes = " and ".join(CONCEPT_STRIPES)
+    print(f"Concept: {opt.data_root} (5 images of a circle striped {stripes}; captions: `circle`)")
 
     args = ["--base", "configs/toy/v1-finetune.yaml", "-t", "--actual_resume", opt.ckpt, "--data_root", opt.data_root,
             "--init_word", "circle", "-l", opt.logdir, "-n", "demo", f"lightning.trainer.max_steps={opt.steps}",

@@ -4,25 +4,22 @@
     python scripts/diffusers_example.py --model models/sd/stable-diffusion-v1-5 \\
         --adapter logs/teddybear/checkpoints/adapter --prompt "teddybear on the beach" --seed 78
 
-The concept is applied with `ldm.interop.diffusers.apply_catversion(pipe.text_encoder, adapter)`. To render what
-scripts/txt2img.py renders, three things are set up as our sampler (and the reference) does them:
-- the unconditional embedding is the empty prompt encoded WITHOUT the concept, passed as `negative_prompt_embeds`
-  (the pipeline would otherwise encode it with the patched text encoder, so the concept would act on both halves
-  of classifier-free guidance);
-- DDIM as in SD v1 / LDM: steps_offset=1, set_alpha_to_one=False, no clipping, eta 0;
-- the initial latents: `torch.manual_seed(seed)` then `torch.randn` on the CPU, as txt2img draws x_T.
+The concept is applied with `ldm.interop.diffusers.apply_catversion`. To render what scripts/txt2img.py renders:
+the empty prompt encoded WITHOUT the concept as `negative_prompt_embeds`, DDIM as in SD v1 / LDM (steps_offset=1,
+set_alpha_to_one=False, no clipping, eta 0), and x_T drawn as txt2img draws it (`torch.manual_seed(seed)`, then
+`torch.randn` on the CPU).
 """
 import argparse
 import os
 
+from ldm.files import atomic_write
+from ldm.util import HelpFormatter, one_line_errors
 
 
 def get_parser():
-    from ldm.util import HelpFormatter
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="models/sd/stable-diffusion-v1-5",
-                   help="local diffusers folder of SD v1.x (model_index.json, unet/, vae/, text_encoder/, tokenizer/, ...)")
+                   help="local diffusers folder of SD v1.x (model_index.json, unet/, vae/, text_encoder/, ...)")
     p.add_argument("--variant", default=None, help="weights variant of the folder, e.g. fp16")
     p.add_argument("--adapter", nargs="+", required=True,
                    help="CatVersion adapter(s): a training run's checkpoints/adapter folder, a catversion.safetensors "
@@ -72,15 +69,13 @@ def run(opt):
     image = pipe(opt.prompt, height=opt.H, width=opt.W, num_inference_steps=opt.steps, guidance_scale=opt.scale,
                  negative_prompt_embeds=negative, latents=latents, eta=0.0).images[0]
     os.makedirs(os.path.dirname(os.path.abspath(opt.out)), exist_ok=True)
-    image.save(opt.out)
+    atomic_write(opt.out, lambda tmp: image.save(tmp, format="PNG"))
     print(f"Wrote {opt.out}")
     return opt.out
 
 
 def main(argv=None):
     opt = get_parser().parse_args(argv)
-    from ldm.util import one_line_errors
-
     with one_line_errors():
         return run(opt)
 

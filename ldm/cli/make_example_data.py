@@ -2,7 +2,6 @@
 """Draw the demo concept (a circle striped purple and orange, base class word `circle`) into a folder of photos."""
 import argparse
 
-
 from ldm.toy.scenes import write_concept_folder
 from ldm.util import HelpFormatter
 

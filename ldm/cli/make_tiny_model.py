@@ -5,7 +5,6 @@ The same seed gives the same bytes of weights on every run, so demos and tests a
 """
 import argparse
 
-
 import torch
 from omegaconf import OmegaConf
 
@@ -16,12 +15,10 @@ from ldm.util import HelpFormatter, instantiate_from_config
 def make_tiny_model(config_path="configs/tiny/v1-inference.yaml", seed=0):
     """The tiny LatentDiffusion with every weight random.
 
-    A fresh UNet initialises each block's output projection to zero and PyTorch's default initialisation shrinks the
-    signal at every layer, so a random UNet would barely listen to its text: a random context would move its
-    prediction by a tenth of its size, and no adapter could be seen learning anything. The UNet's linear and
-    convolution weights are therefore drawn variance-preserving (He normal, std sqrt(2 / fan_in), zero biases);
-    the VAE's zero-initialised layers get PyTorch's default initialisation; CLIP keeps transformers' own.
-    """
+    A fresh UNet zeroes each block's output projection and PyTorch's default initialisation shrinks the signal at
+    every layer: a random context would move its prediction by a tenth of its size, and no adapter could be seen
+    learning. So the UNet's linear and convolution weights are He normal (std sqrt(2 / fan_in), zero biases), the
+    VAE's zeroed layers get PyTorch's default initialisation, and CLIP keeps transformers' own."""
     torch.manual_seed(seed)
     model = instantiate_from_config(OmegaConf.load(config_path).model)
     for module in model.model.modules():

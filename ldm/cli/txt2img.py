@@ -4,44 +4,22 @@
     python scripts/txt2img.py --ckpt_path models/sd/v1-5.ckpt \\
         --embedding_path logs/teddybear/checkpoints/adapter --prompt "teddybear on the beach" --seed 78
 
-Write prompts with the concept's base class word (the word it was trained with, e.g. `teddybear`): the learned keys
-and values act on every prompt, and turn "a teddybear" into "this teddybear". Images go to
-<outdir>/<prompt-with-dashes>/<prompt-with-dashes>_<seed>.png, plus grid.png; iteration i uses seed + i.
-
---strength s scales a concept: the extra tokens' attention weights are multiplied by s (log s added to their
-logits), as if the concept token were present s times. 0 is the base model bit for bit, 1 the adapter as trained;
-values in between weaken it, above 1 exaggerate it.
-
-Several --embedding_path values stack concepts: the keys/values of all of them are concatenated in the same layers,
-inside one softmax, so each adds its own residual to the attention output (a little diluted by the others). That
-works for concepts of DIFFERENT base class words (`teddybear` and `colorful_teapot` in one prompt); if one comes out
-weak, raise its --strength (one value per adapter). Two concepts of the SAME class word compete: both steer the same
-word, and the result is a blend of the two, not two distinct objects.
-
-The unconditional embedding (empty prompt, encoded without adapters) is computed once per base model and cached in
---uc_dir under the checkpoint's fingerprint (the authors ship theirs as models/uc.pt instead).
-
---authors switches every sampling difference in docs/fidelity.md to the authors' sampler at once: seed 8888, 2
-iterations, x_T drawn on the sampling device, their uc.pt (models/authors/uc.pt), JPEG files at quality 75 with their
-names, TF32 on. Flags given explicitly still win, e.g. `--authors --seed 78 --n_iter 1` is one example of their run.sh.
+Write prompts with the concept's base class word (e.g. `teddybear`): the learned keys and values act on every prompt.
+Images go to <outdir>/<prompt-with-dashes>/<prompt-with-dashes>_<seed>.png, plus grid.png; iteration i uses seed + i.
+Several --embedding_path values stack concepts of DIFFERENT class words (raise the --strength of a weak one); two
+concepts of the same class word blend into one object. The unconditional embedding (the empty prompt, without
+adapters) is cached per base model in --uc_dir. --authors switches every sampling difference in docs/fidelity.md to
+the authors' sampler; flags given explicitly still win (`--authors --seed 78 --n_iter 1` is one example of run.sh).
 """
 import argparse
 import os
 import sys
 import warnings
 
-
 from ldm.util import HelpFormatter, add_sampling_args
 
-RANDOM_WEIGHTS = "none"
-# Their scripts/txt2img_generator.py defaults (seed, n_iter), noise, uc file and output files: docs/fidelity.md rows 52-58.
+# The authors' sampler (docs/fidelity.md rows 52-58): their defaults, x_T device, uc file and output files.
 AUTHORS = dict(seed=8888, n_iter=2, noise_device="device", uc_path="models/authors/uc.pt", jpeg=True, tf32=True)
-
-
-def default_device():
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def get_parser():
@@ -58,29 +36,29 @@ def get_parser():
     add_sampling_args(p)
     p.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml", help="model config")
     p.add_argument("--ckpt_path", default="models/sd/v1-5.ckpt",
-                   help=f"SD v1.x checkpoint (.ckpt or .safetensors) or diffusers folder; '{RANDOM_WEIGHTS}' builds the model with random "
-                        "weights, for smoke tests only")
+                   help="SD v1.x checkpoint (.ckpt or .safetensors) or diffusers folder; 'none' builds the model with "
+                        "random weights, for smoke tests only")
     p.add_argument("--embedding_path", nargs="*", default=[],
-                   help="CatVersion adapter(s): a training run's checkpoints/adapter folder, a catversion.safetensors "
-                        "or the authors' pytorch_adapter.bin; several values stack concepts (see above); a Textual Inversion "
-                        "embeddings.pt also works (put its placeholder, e.g. *, in the prompt); none: plain SD")
+                   help="CatVersion adapter(s) (none: plain SD): a run's checkpoints/adapter folder, a catversion."
+                        "safetensors or the authors' pytorch_adapter.bin, several stacking concepts; or a Textual "
+                        "Inversion embeddings.pt (put its placeholder, e.g. *, in the prompt)")
     p.add_argument("--strength", type=float, nargs="+", default=[1.0],
-                   help="concept strength: one value for all adapters or one per adapter; 0 = base model, 1 = as trained")
+                   help="concept strength, one for all adapters or one per adapter: 0 = base model, 1 = as trained")
     p.add_argument("--uc_dir", default="models/uc",
                    help="cache folder for the unconditional embedding, one file per base model; '' disables the cache")
     p.add_argument("--uc_path", default=None,
-                   help="use this saved unconditional embedding (e.g. the authors' models/uc.pt) instead of computing it")
+                   help="use this saved unconditional embedding (e.g. the authors' models/uc.pt), not a computed one")
     p.add_argument("--noise_device", choices=("cpu", "device"), default="cpu",
-                   help="where x_T is drawn after torch.manual_seed(seed + i): cpu (the same images on every device) or "
-                        "device (the sampling device, as the authors' sampler: their images on a GPU)")
+                   help="where x_T is drawn after torch.manual_seed(seed + i): cpu (the same images on every device) "
+                        "or device (the sampling device, as the authors' sampler: their images on a GPU)")
     p.add_argument("--jpeg", action="store_true",
                    help="write the authors' files: JPEG at quality 75, <name>_<seed>.jpg and the grid as <name>.jpg")
     p.add_argument("--tf32", action="store_true",
-                   help="TF32 CUDA matmuls and convolutions for this process, as the authors' torch 1.10 on Ampere GPUs")
+                   help="TF32 CUDA matmuls and convolutions, as the authors' torch 1.10 on Ampere GPUs")
     p.add_argument("--authors", action="store_true",
                    help="the authors' sampler at once: --seed 8888 --n_iter 2 --noise_device device --uc_path "
                         "models/authors/uc.pt --jpeg --tf32 (explicit flags still win)")
-    p.add_argument("--device", default=default_device(), help="torch device: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -105,29 +83,30 @@ def read_prompts(opt):
 
 
 def run(opt):
+    import torch
     from omegaconf import OmegaConf
 
     from ldm import sampling
     from ldm.config import resolve_device
 
-    # Everything that can be checked cheaply is checked before the model costs time to load and before any file is written.
+    # Everything that can be checked cheaply is checked before the model costs time to load and before any file is
+    # written; load_model checks the checkpoint path, the adapters and the strengths before it builds anything.
     prompts = read_prompts(opt)
-    device = resolve_device(opt.device)
-    ckpt_path = None if opt.ckpt_path.lower() == RANDOM_WEIGHTS else opt.ckpt_path
+    device = resolve_device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not os.path.isfile(opt.config):
         raise ValueError(f"config not found: {opt.config}; pass --config configs/stable-diffusion/v1-inference.yaml")
     config = OmegaConf.load(opt.config)
-    options = sampling.SamplingOptions.from_args(opt).check(OmegaConf.select(config, "model.params.timesteps", default=1000))
+    timesteps = OmegaConf.select(config, "model.params.timesteps", default=1000)
+    options = sampling.SamplingOptions.from_args(opt).check(timesteps)
     sampling.check_output_dir(opt.outdir)
     sampling.prompt_names(prompts)
+    if opt.uc_path is not None and not os.path.isfile(opt.uc_path):
+        raise ValueError(f"--uc_path {opt.uc_path} not found; pass a saved unconditional embedding such as "
+                         "models/authors/uc.pt (run from the repository root)")
+    ckpt_path = None if opt.ckpt_path.lower() == "none" else opt.ckpt_path
     if ckpt_path is None:
         print("Warning: --ckpt_path none: random weights, the images are noise (smoke test)")
-    # load_model checks the checkpoint path, the adapters and the strengths before it builds anything.
-    if opt.uc_path is not None and not os.path.isfile(opt.uc_path):
-        raise ValueError(f"--uc_path {opt.uc_path} not found; pass a saved unconditional embedding such as models/authors/uc.pt (run from the repository root)")
     if opt.tf32:
-        import torch
-
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = sampling.load_model(config, ckpt_path, device, opt.embedding_path, opt.strength)
     uc = sampling.read_uc(opt.uc_path, model) if opt.uc_path else None
@@ -137,19 +116,14 @@ def run(opt):
     return results
 
 
-def _print_warning(message, category, filename, lineno, file=None, line=None):
-    # One plain line on stderr: a truncated prompt must be noticed, not buried under a source-code excerpt.
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def main(argv=None):
     from ldm.util import one_line_errors
 
     opt = parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = _print_warning
-        with one_line_errors(opt.debug):
-            return run(opt)
+    with warnings.catch_warnings(), one_line_errors(opt.debug):
+        # One plain line on stderr: a truncated prompt must be noticed, not buried under a source-code excerpt.
+        warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+        return run(opt)
 
 
 if __name__ == "__main__":

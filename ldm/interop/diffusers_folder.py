@@ -1,26 +1,13 @@
-"""The names of a Stable Diffusion v1 diffusers folder's weights (`unet/`, `vae/`) mapped to our CompVis names.
-
-The mapping is our own: the inverse of diffusers' LDM converters (`convert_ldm_unet_checkpoint`,
-`convert_ldm_vae_checkpoint`), so diffusers is not needed at run time. `ldm.weights` reads the folder's files,
-these functions rename the tensors to the SD `.ckpt` spelling (`model.diffusion_model.*`, `first_stage_model.*`),
-and `ldm.checkpoint` adds the text encoder (transformers' `CLIPTextModel` keys, which its `keys_to_sd` spells as SD
-does), then checks and loads the result like any other checkpoint: a diffusers key we cannot place keeps its name
-under `<component>/` and is reported as unexpected, a tensor the folder lacks as missing, a wrong size as a shape
-mismatch.
+"""The weight names of a Stable Diffusion v1 diffusers folder (`unet/`, `vae/`) mapped to our CompVis names: our own
+inverse of diffusers' LDM converters (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`), so diffusers is
+not needed at run time. A key we cannot place keeps its name under `<component>/`, and the loader reports it as
+unexpected.
 """
 import re
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-
 
 def _mapped(state, prefix, component, key_fn):
-    """Apply `key_fn`; a key it cannot place is kept as `<component>/<key>` so the loader names it as unexpected."""
-    out = {}
-    for k, v in state.items():
-        new = key_fn(k)
-        out[prefix + new if new else f"{component}/{k}"] = v
-    return out
+    return {(prefix + new if (new := key_fn(k)) else f"{component}/{k}"): v for k, v in state.items()}
 
 
 def _levels(state, pattern):
@@ -28,13 +15,10 @@ def _levels(state, pattern):
     return {int(m[1]) for k in state if (m := re.match(pattern, k))}
 
 
-# --- UNet ------------------------------------------------------------------------------------------------------------
 _UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
              "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-_UNET_BLOCK = re.compile(
-    r"(?:down_blocks\.(?P<down>\d+)|mid_block|up_blocks\.(?P<up>\d+))"
-    r"\.(?P<kind>resnets|attentions)\.(?P<j>\d+)\.(?P<rest>.+)"
-)
+_UNET_BLOCK = re.compile(r"(?:down_blocks\.(?P<down>\d+)|mid_block|up_blocks\.(?P<up>\d+))"
+                         r"\.(?P<kind>resnets|attentions)\.(?P<j>\d+)\.(?P<rest>.+)")
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
@@ -42,11 +26,10 @@ _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj":
 def unet_to_ldm(state):
     """diffusers `UNet2DConditionModel` keys -> `model.diffusion_model.*` (our `UNetModel`).
 
-    LDM numbers its blocks flat. `input_blocks.0` is conv_in; then each resolution level has `per_level` blocks
-    (resnet `.0`, attention `.1` on levels with cross-attention) and, except on the last level, one downsampler
-    block (`.0.op`). Going up, each level has `per_level + 1` blocks; the upsampler is the last module of the
-    level's last block: `.1.conv` after a plain resnet, `.2.conv` after resnet and attention. Transformer
-    blocks inside the attentions (`transformer_blocks.0.attn1.to_q`, ...) are spelled alike in both layouts.
+    LDM numbers its blocks flat: `input_blocks.0` is conv_in, then each level has `per_level` blocks (resnet `.0`,
+    attention `.1` where there is cross-attention) and, but on the last level, a downsampler block (`.0.op`). Going
+    up, each level has `per_level + 1` blocks, the upsampler last in its last block: `.1.conv` after a plain resnet,
+    `.2.conv` after resnet and attention. The transformer blocks inside attentions are spelled alike in both.
     """
     per_level = len(_levels(state, r"down_blocks\.0\.resnets\.(\d+)\."))
     n = per_level + 1
@@ -75,14 +58,11 @@ def unet_to_ldm(state):
             return f"output_blocks.{level * n + per_level}.{2 if level in up_with_attention else 1}.conv.{param}"
         return None
 
-    return _mapped(state, UNET_PREFIX, "unet", key_fn)
+    return _mapped(state, "model.diffusion_model.", "unet", key_fn)
 
 
-# --- VAE -------------------------------------------------------------------------------------------------------------
-_VAE_RESNET_KEY = re.compile(
-    r"(?P<part>encoder|decoder)\.(?:down_blocks\.(?P<down>\d+)|up_blocks\.(?P<up>\d+)|mid_block)"
-    r"\.resnets\.(?P<j>\d+)\.(?P<name>\w+)"
-)
+_VAE_RESNET_KEY = re.compile(r"(?P<part>encoder|decoder)\.(?:down_blocks\.(?P<down>\d+)|up_blocks\.(?P<up>\d+)"
+                             r"|mid_block)\.resnets\.(?P<j>\d+)\.(?P<name>\w+)")
 _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
                   # the names of diffusers before 0.15, still in many folders on the hub
@@ -90,12 +70,9 @@ _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "
 
 
 def vae_to_ldm(state):
-    """diffusers `AutoencoderKL` keys -> `first_stage_model.*` (our `AutoencoderKL`).
-
-    The decoder's levels run the other way: diffusers' `up_blocks.0` is the lowest resolution, LDM's `up.0` the
-    highest. The mid-block attention is Linear in diffusers and 1x1 Conv2d in LDM, so its weights become
-    `[out, in, 1, 1]`.
-    """
+    """diffusers `AutoencoderKL` keys -> `first_stage_model.*`. The decoder's levels run the other way (diffusers'
+    `up_blocks.0` is the lowest resolution, LDM's `up.0` the highest); the mid-block attention is Linear in diffusers
+    and 1x1 Conv2d in LDM, so its weights become `[out, in, 1, 1]`."""
     n_up = len(_levels(state, r"decoder\.up_blocks\.(\d+)\."))
 
     def key_fn(key):
@@ -120,7 +97,7 @@ def vae_to_ldm(state):
             return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{param}" if m[2] in _VAE_ATTENTION else None
         return None
 
-    out = _mapped(state, VAE_PREFIX, "vae", key_fn)
+    out = _mapped(state, "first_stage_model.", "vae", key_fn)
     for k, v in out.items():
         if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", k) and v.ndim == 2:
             out[k] = v[:, :, None, None]
