@@ -76,7 +76,7 @@ class AdapterCheckpoint(pl.Callback):
 
 
 class ImageLogger(pl.Callback):
-    """Sample sheets with and without the learned concept every `batch_frequency` steps (and after the last one):
+    """Sample sheets with and without the learned concept every `batch_frequency` steps:
     `images/train/<key>_gs-<step>.png`, one column per caption."""
 
     ROW_LABELS = {"samples": "with the learned concept", "samples_base": "base model"}
@@ -84,22 +84,19 @@ class ImageLogger(pl.Callback):
     def __init__(self, batch_frequency=500, max_images=4, ddim_steps=50, **ignored):
         self.every, self.max_images, self.ddim_steps = batch_frequency, max_images, ddim_steps
 
-    def log_samples(self, trainer, pl_module, batch):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not (self.every and step % self.every == 0 and trainer.is_global_zero):
+            return
         captions, concepts = pl_module.sample_prompts(batch, self.max_images)  # every concept of a many-concept run
         images = pl_module.log_images(captions, ddim_steps=self.ddim_steps, concepts=concepts)
-        folder = os.path.join(trainer.default_root_dir, "images", "train")
         for key, value in images.items():
-            label = f"{self.ROW_LABELS.get(key, key)}, step {trainer.global_step}"
-            path = os.path.join(folder, f"{key}_gs-{trainer.global_step:06d}.png")
-            sheet = save_sheet(path, value, [label], captions, value_range=(-1, 1))
+            path = os.path.join(trainer.default_root_dir, "images", "train", f"{key}_gs-{step:06d}.png")
+            label = f"{self.ROW_LABELS.get(key, key)}, step {step}"
+            sheet = torch.from_numpy(np.array(save_sheet(path, value, [label], captions, value_range=(-1, 1))))
             for logger in trainer.loggers:
                 if hasattr(logger.experiment, "add_image"):
-                    logger.experiment.add_image(f"train/{key}", torch.from_numpy(np.array(sheet)).permute(2, 0, 1),
-                                                trainer.global_step)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every and trainer.global_step % self.every == 0 and trainer.is_global_zero:
-            self.log_samples(trainer, pl_module, batch)
+                    logger.experiment.add_image(f"train/{key}", sheet.permute(2, 0, 1), step)
 
 
 class StepProgressBar(TQDMProgressBar):
