@@ -47,10 +47,9 @@ def quiet_lightning():
 
 
 class AdapterCheckpoint(pl.Callback):
-    """`checkpoints/adapter_gs-<step>/` every `every_n_train_steps` steps and `checkpoints/adapter/` at the end,
-    in the authors' file format plus our own safetensors with metadata; at the end also `last.ckpt` for `--resume`.
-
-    Names follow the reference: the snapshot after 1000 optimizer steps is `adapter_gs-999`."""
+    """`checkpoints/adapter_gs-<step>/` every `every_n_train_steps` steps (named as the reference: after 1000 steps,
+    `adapter_gs-999`) and `checkpoints/adapter/` at the end, in the authors' file format plus our own safetensors with
+    metadata; at the end also `last.ckpt` for `--resume`."""
 
     def __init__(self, dirpath, every_n_train_steps=250, base_class_word=None):
         self.dirpath, self.every, self.base_class_word = dirpath, every_n_train_steps, base_class_word
@@ -101,11 +100,8 @@ class ImageLogger(pl.Callback):
 
 class StepProgressBar(TQDMProgressBar):
     """One bar for the whole run that counts optimizer steps to the end and shows the loss first:
-    `step 120/800, loss=0.0312, lr=2.00e-02 |#####     | [00:12<01:10, 9.80step/s]`.
-
-    Lightning's own bar counts the batches of an epoch ("Epoch 3: 40/250", or "Epoch 3/-2" when only max_steps
-    bounds the run); epochs of a few repeated photos mean nothing here, and its long metric names were the first
-    thing cut off in a narrow terminal."""
+    `step 120/800, loss=0.0312, lr=2.00e-02 |#####     | [00:12<01:10, 9.80step/s]`. Lightning's own counts the
+    batches of an epoch ("Epoch 3/-2" when only max_steps bounds the run), meaningless for a few repeated photos."""
 
     BAR_FORMAT = "{desc} {n_fmt}/{total_fmt}{postfix} |{bar}| [{elapsed}<{remaining}, {rate_fmt}]"
     NAMES = {"train/loss_simple": "loss", "lr-abs": "lr"}
@@ -144,11 +140,9 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class AdapterSummary(ModelSummary):
-    """Lightning's summary of the model's parts, with the numbers of trainable and frozen parameters right.
-
-    The CatVersion adapter lives outside `parameters()` on purpose (see FrozenCLIPEmbedder), so Lightning alone
-    reports "Trainable params: 0" for a run that trains it; here the trainable numbers are the model's
-    `trainable_parameters()` (Textual Inversion's vectors sit outside too), counted once even if registered."""
+    """Lightning's summary of the model's parts, with the numbers of trainable and frozen parameters right: the
+    adapter lives outside `parameters()` on purpose (see FrozenCLIPEmbedder), so Lightning alone reports "Trainable
+    params: 0"; here they are the model's `trainable_parameters()`, counted once even if registered."""
 
     def on_fit_start(self, trainer, pl_module):
         if not self._max_depth or not trainer.is_global_zero:

@@ -181,10 +181,8 @@ def check_params(obj, params, where, name):
 
 def check_targets(node, where=""):
     """Every `target:` of the config is trusted (see TRUSTED_TARGETS) and imports, and its `params:` are arguments it
-    takes, of the types it takes.
-
-    Otherwise a typo in a config file surfaces minutes later as a TypeError from deep inside a constructor, or not at
-    all. Classes that swallow unknown keyword arguments (`**ignored`, for the reference's keys) cannot be checked."""
+    takes, of the types it takes; else a typo in a config file surfaces minutes later deep inside a constructor, or
+    never. Classes that swallow unknown keyword arguments (`**ignored`, for the reference's keys) cannot be checked."""
     if OmegaConf.is_list(node):
         for i, child in enumerate(node):
             check_targets(child, f"{where}[{i}]")

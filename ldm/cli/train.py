@@ -115,12 +115,6 @@ def check_resumable(path):
         raise WeightsError(f"cannot resume: {path} is not a checkpoint of a training run; pass a run folder under logs/")
 
 
-def launched_rank():
-    """This process's rank as a launcher set it before any Trainer exists (Lightning's own for the ranks it starts,
-    torchrun, SLURM); 0 when none did."""
-    return int(next((os.environ[v] for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK") if os.environ.get(v)), 0))
-
-
 def _build(opt, config, lightning_config, trainer_kwargs, logdir, now, extra_callbacks):
     """The Trainer (first: Lightning checks accelerator, devices and strategy), the data, the model and the run's
     saved configs; returns (trainer, data, model, guard, print on rank zero)."""
@@ -201,6 +195,7 @@ def _build(opt, config, lightning_config, trainer_kwargs, logdir, now, extra_cal
 
 def run(opt, unknown, extra_callbacks=()):
     """Set up (and with -t, train) a run; returns (run folder, model)."""
+    from pytorch_lightning.utilities import rank_zero_only
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from ldm.checkpoint import check_exists
@@ -229,10 +224,12 @@ def run(opt, unknown, extra_callbacks=()):
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_kwargs = hardware(opt.gpus, OmegaConf.to_container(lightning_config).get("trainer", {}))
     claimed = None
+    # rank_zero_only.rank is the rank a launcher set before any Trainer exists (Lightning's own for the ranks it starts,
+    # torchrun, SLURM). Rank zero claims the folder: another run started in the same second may have taken the name.
     if not opt.resume:
         if os.environ.get(RUN_DIR_ENV):  # a process Lightning started for another rank: rank zero's folder
             logdir = os.environ[RUN_DIR_ENV]
-        elif launched_rank() == 0:  # the name was free when checked; another run started in the same second may take it
+        elif rank_zero_only.rank == 0:
             parent_existed = os.path.isdir(os.path.dirname(os.path.abspath(logdir)))
             logdir = claimed = new_folder(logdir.rstrip("/"))
     try:
