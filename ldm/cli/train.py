@@ -254,8 +254,9 @@ def run(opt, unknown, extra_callbacks=()):
             restore_signals()
             os.environ.pop(RUN_DIR_ENV, None)
         if guard.signal is not None:
-            raise TrainingStopped(f"interrupted at step {trainer.global_step}; adapter and resumable checkpoint saved in "
-                                  f"{logdir}/checkpoints; continue with: python main.py --resume {logdir}", 128 + guard.signal)
+            raise TrainingStopped(f"interrupted at step {trainer.global_step}; adapter and resumable checkpoint saved "
+                                  f"in {logdir}/checkpoints; continue with: python main.py --resume {logdir}",
+                                  128 + guard.signal)
     say(f"Run folder: {logdir}")
     return logdir, model
 

@@ -124,9 +124,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.setup()
         # Our own generator: a DataLoader without one draws its workers' base seed from the global torch stream
         # whenever it starts iterating, which --resume does at another point than an uninterrupted run.
+        generator = torch.Generator().manual_seed(self.seed % 2**64)
         return DataLoader(self.train_dataset, self.batch_size, sampler=self.sampler, num_workers=self.num_workers,
-                          collate_fn=getattr(self.train_dataset, "collate", None), persistent_workers=self.num_workers > 0,
-                          generator=torch.Generator().manual_seed(self.seed % 2**64))
+                          persistent_workers=self.num_workers > 0, generator=generator,
+                          collate_fn=getattr(self.train_dataset, "collate", None))
 
     # Saved in every checkpoint (Lightning calls these with the LightningModule's hooks): where the data order stands.
     def state_dict(self):
