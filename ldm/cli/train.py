@@ -218,7 +218,8 @@ def run(opt, unknown, extra_callbacks=()):
     check_output_dir(logdir, flag="-l/--logdir")
     config = load_config(opt, unknown)
     # The run's own inputs travel with its config, so that --resume needs nothing but the run folder.
-    opt.actual_resume = opt.actual_resume or config.pop("run", {}).get("actual_resume")
+    run_inputs = config.pop("run", {})
+    opt.actual_resume = opt.actual_resume or run_inputs.get("actual_resume")
     if opt.actual_resume:
         check_exists(opt.actual_resume)
     lightning_config = config.pop("lightning", OmegaConf.create())
