@@ -47,7 +47,7 @@ def quiet_lightning():
 
 
 class AdapterCheckpoint(pl.Callback):
-    """`checkpoints/adapter_gs-<step>/` every `every_n_train_steps` steps (named as the reference: after 1000 steps,
+    """`checkpoints/adapter_gs-<step>/` every `every_n_train_steps` steps (the reference's names: after 1000 steps,
     `adapter_gs-999`) and `checkpoints/adapter/` at the end, in the authors' file format plus our own safetensors with
     metadata; at the end also `last.ckpt` for `--resume`."""
 
