@@ -5,7 +5,6 @@ import warnings
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from ldm.data.personalized import Concepts, concept_names
@@ -116,9 +115,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     def _consumed_batches(self):
         """Batches the training loop has taken (restored with the loops on --resume); None outside a Trainer."""
-        if self.trainer is None:
-            return None
-        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        return None if self.trainer is None else self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
     def train_dataloader(self):
         self.setup()
@@ -141,8 +138,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
 def build_dataset(config):
     """The dataset of a config; lists of `data_root` and `base_class_word` (one per concept) make a `Concepts`."""
-    params = config.get("params") or {}
-    params = OmegaConf.to_container(params, resolve=True) if OmegaConf.is_config(params) else dict(params)
+    params = dict(config.get("params") or {})  # plain data: instantiate_from_config resolved the data config
     roots = params.get("data_root")
     if not isinstance(roots, list):
         return instantiate_from_config(config)
