@@ -9,51 +9,47 @@ import warnings
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.callbacks import ModelSummary, TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from pytorch_lightning.utilities.model_summary import get_human_readable_count, summarize
-from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.report import save_sheet
 from ldm.util import atomic_write
 
 
-class _DropChatter(logging.Filter):
-    PREFIXES = ("💡 Tip:",  # an advertisement for a cloud logging service, on every Trainer
-                "`Trainer.fit` stopped: `max_steps=")  # the progress bar shows it, and this line broke into the bar's
+# What Lightning (and torch through it) says on every run that a user of main.py cannot act on, each by its own text,
+# so that every other warning still shows.
+_QUIET = (
+    # The frozen base model stays in eval mode on purpose (LatentDiffusion.train): no dropout, no norm statistics.
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    # LatentDiffusion's hook is the one meant; Lightning warns whenever a model has it and a datamodule is passed.
+    r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
+    # Lightning 2.6 still builds torch's deprecated LeafSpec when it batches; a matter between those two libraries.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # --resume continues in the run's own folder, and the epoch's position is meaningless with photos shuffled anew.
+    r"Checkpoint directory .* exists and is not empty",
+    r"You're resuming from a checkpoint that ended before the epoch ended")
+_CHATTER = ("💡 Tip:",  # an advertisement for a cloud logging service, on every Trainer
+            "`Trainer.fit` stopped: `max_steps=")  # the progress bar shows it, and this line broke into the bar's
 
-    def filter(self, record):
-        return not str(record.msg).startswith(self.PREFIXES)
+
+def _not_chatter(record):
+    return not str(record.msg).startswith(_CHATTER)
 
 
 def quiet_lightning():
-    """Silence what Lightning (and torch through it) says on every run that a user of main.py cannot act on; each
-    by its own text, so that every other warning still shows."""
-    # The frozen base model stays in eval mode on purpose (LatentDiffusion.train): no dropout, no norm statistics.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
-                            category=PossibleUserWarning)
-    # LatentDiffusion's hook is the one meant; Lightning warns whenever a model has it and a datamodule is passed.
-    warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but "
-                            r"have passed in a `LightningDataModule`")
-    # Lightning 2.6 still builds torch's deprecated LeafSpec when it batches; a matter between those two libraries.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
-    # --resume continues in the run's own folder, so these hold on every resume; and the CSV rows are not deleted
-    # (ContinuingCSVLogger writes them back), the epoch's position is meaningless with photos shuffled anew.
-    for message in (r"Checkpoint directory .* exists and is not empty",
-                    r"Experiment logs directory .* exists and is not empty",
-                    r"You're resuming from a checkpoint that ended before the epoch ended"):
+    for message in _QUIET:
         warnings.filterwarnings("ignore", message=message)
-    log = logging.getLogger("pytorch_lightning.utilities.rank_zero")  # where Lightning's rank_zero_info writes
-    if not any(isinstance(f, _DropChatter) for f in log.filters):
-        log.addFilter(_DropChatter())
+    # where Lightning's rank_zero_info writes; addFilter adds a filter once
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_not_chatter)
 
 
 class AdapterCheckpoint(pl.Callback):
-    """`checkpoints/adapter_gs-<step>/` every `every_n_train_steps` steps and `checkpoints/adapter/` at the end,
-    in the authors' file format plus our own safetensors with metadata; at the end also `last.ckpt` for `--resume`.
-
-    Names follow the reference: the snapshot after 1000 optimizer steps is `adapter_gs-999`."""
+    """`checkpoints/adapter_gs-<step>/` every `every_n_train_steps` steps (the reference's names: after 1000 steps,
+    `adapter_gs-999`) and `checkpoints/adapter/` at the end, in the authors' file format plus our own safetensors with
+    metadata; at the end also `last.ckpt` for `--resume`."""
 
     def __init__(self, dirpath, every_n_train_steps=250, base_class_word=None):
         self.dirpath, self.every, self.base_class_word = dirpath, every_n_train_steps, base_class_word
@@ -79,7 +75,7 @@ class AdapterCheckpoint(pl.Callback):
 
 
 class ImageLogger(pl.Callback):
-    """Sample sheets with and without the learned concept every `batch_frequency` steps (and after the last one):
+    """Sample sheets with and without the learned concept every `batch_frequency` steps:
     `images/train/<key>_gs-<step>.png`, one column per caption."""
 
     ROW_LABELS = {"samples": "with the learned concept", "samples_base": "base model"}
@@ -87,31 +83,25 @@ class ImageLogger(pl.Callback):
     def __init__(self, batch_frequency=500, max_images=4, ddim_steps=50, **ignored):
         self.every, self.max_images, self.ddim_steps = batch_frequency, max_images, ddim_steps
 
-    def log_samples(self, trainer, pl_module, batch):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not (self.every and step % self.every == 0 and trainer.is_global_zero):
+            return
         captions, concepts = pl_module.sample_prompts(batch, self.max_images)  # every concept of a many-concept run
         images = pl_module.log_images(captions, ddim_steps=self.ddim_steps, concepts=concepts)
-        folder = os.path.join(trainer.default_root_dir, "images", "train")
         for key, value in images.items():
-            label = f"{self.ROW_LABELS.get(key, key)}, step {trainer.global_step}"
-            path = os.path.join(folder, f"{key}_gs-{trainer.global_step:06d}.png")
-            sheet = save_sheet(path, value, [label], captions, value_range=(-1, 1))
+            path = os.path.join(trainer.default_root_dir, "images", "train", f"{key}_gs-{step:06d}.png")
+            label = f"{self.ROW_LABELS.get(key, key)}, step {step}"
+            sheet = torch.from_numpy(np.array(save_sheet(path, value, [label], captions, value_range=(-1, 1))))
             for logger in trainer.loggers:
                 if hasattr(logger.experiment, "add_image"):
-                    logger.experiment.add_image(f"train/{key}", torch.from_numpy(np.array(sheet)).permute(2, 0, 1),
-                                                trainer.global_step)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every and trainer.global_step % self.every == 0 and trainer.is_global_zero:
-            self.log_samples(trainer, pl_module, batch)
+                    logger.experiment.add_image(f"train/{key}", sheet.permute(2, 0, 1), step)
 
 
 class StepProgressBar(TQDMProgressBar):
     """One bar for the whole run that counts optimizer steps to the end and shows the loss first:
-    `step 120/800, loss=0.0312, lr=2.00e-02 |#####     | [00:12<01:10, 9.80step/s]`.
-
-    Lightning's own bar counts the batches of an epoch ("Epoch 3: 40/250", or "Epoch 3/-2" when only max_steps
-    bounds the run); epochs of a few repeated photos mean nothing here, and its long metric names were the first
-    thing cut off in a narrow terminal."""
+    `step 120/800, loss=0.0312, lr=2.00e-02 |#####     | [00:12<01:10, 9.80step/s]`. Lightning's own counts the
+    batches of an epoch ("Epoch 3/-2" when only max_steps bounds the run), meaningless for a few repeated photos."""
 
     BAR_FORMAT = "{desc} {n_fmt}/{total_fmt}{postfix} |{bar}| [{elapsed}<{remaining}, {rate_fmt}]"
     NAMES = {"train/loss_simple": "loss", "lr-abs": "lr"}
@@ -125,84 +115,63 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer, *_):
         pass  # one bar for all epochs
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        bar, step = self.train_progress_bar, trainer.global_step
-        # The last step is drawn by on_train_end's close(): drawn here too, it would print twice into a log file.
-        if bar is not None and not bar.disable and step - bar.n >= self.refresh_rate and step != bar.total:
-            self._set(bar, step, trainer, pl_module)
-            bar.refresh()
-
     def on_train_epoch_end(self, trainer, pl_module):
         pass
 
-    def on_train_end(self, trainer, pl_module):
-        bar = self.train_progress_bar
-        if bar is not None:
-            if not bar.disable:
-                self._set(bar, trainer.global_step, trainer, pl_module)
-            bar.close()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, end=False):
+        bar, step = self.train_progress_bar, trainer.global_step
+        # The last step is drawn by on_train_end's close(): drawn here too, it would print twice into a log file.
+        if bar is not None and not bar.disable and (end or step - bar.n >= self.refresh_rate and step != bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            if not end:
+                bar.refresh()
 
-    def _set(self, bar, step, trainer, pl_module):
-        bar.n = step
-        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+    def on_train_end(self, trainer, pl_module):
+        self.on_train_batch_end(trainer, pl_module, None, None, None, end=True)
+        if self.train_progress_bar is not None:
+            self.train_progress_bar.close()
 
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)  # the logger's version: not ours to show
-        out = {}
-        for key, value in items.items():
-            name = self.NAMES.get(key, key)
-            out[name] = f"{value:.2e}" if name == "lr" and isinstance(value, float) else value
-        return out
+        items = {self.NAMES.get(k, k): v for k, v in items.items()}
+        return {k: f"{v:.2e}" if k == "lr" and isinstance(v, float) else v for k, v in items.items()}
 
 
 class AdapterSummary(ModelSummary):
-    """Lightning's summary of the model's parts, with the numbers of trainable and frozen parameters right.
-
-    The CatVersion adapter lives outside `parameters()` on purpose (see FrozenCLIPEmbedder), so Lightning alone
-    reports "Trainable params: 0" for a run that trains it; here the trainable numbers are the model's
-    `trainable_parameters()` (Textual Inversion's vectors sit outside too), counted once even if registered."""
+    """Lightning's summary of the model's parts, with the numbers of trainable and frozen parameters right: the
+    adapter lives outside `parameters()` on purpose (see FrozenCLIPEmbedder), so Lightning alone reports "Trainable
+    params: 0"; here they are the model's `trainable_parameters()`, counted once even if registered."""
 
     def on_fit_start(self, trainer, pl_module):
         if not self._max_depth or not trainer.is_global_zero:
             return
         summary = summarize(pl_module, max_depth=self._max_depth)
-        registered = {id(p) for p in pl_module.parameters()}
-        trainable = pl_module.trainable_parameters()
+        trainable, registered = pl_module.trainable_parameters(), {id(p) for p in pl_module.parameters()}
         n_trainable = sum(p.numel() for p in trainable)
         total = summary.total_parameters + sum(p.numel() for p in trainable if id(p) not in registered)
-        print(self.format(summary, n_trainable, total), flush=True)
-
-    @staticmethod
-    def format(summary, n_trainable, total):
         rows = [("", "Name", "Type", "Params")] + [
             (str(i), name, kind, get_human_readable_count(n))
             for i, (name, kind, n) in enumerate(zip(summary.layer_names, summary.layer_types, summary.param_nums))]
         widths = [max(len(r[k]) for r in rows) for k in range(4)]
         lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         rule = "-" * max(len(line) for line in lines)
-        return "\n".join([lines[0], rule, *lines[1:], rule,
-                          f"Trainable params: {n_trainable:,} (what this run learns; the base model is frozen)",
-                          f"Frozen params: {total - n_trainable:,}"])
+        print("\n".join([lines[0], rule, *lines[1:], rule,
+                         f"Trainable params: {n_trainable:,} (what this run learns; the base model is frozen)",
+                         f"Frozen params: {total - n_trainable:,}"]), flush=True)
 
 
 class TrainingGuard(pl.Callback):
-    """Ctrl-C / SIGTERM and a non-finite loss end the run cleanly instead of losing it.
+    """Ctrl-C / SIGTERM and a non-finite loss end the run cleanly instead of losing it: a signal lets the current step
+    finish and training end normally (so the end-of-training saves run; a second Ctrl-C aborts at once); a NaN or
+    infinite loss stops the run with the adapter restored to the last numbers that gave a finite loss.
 
-    A signal lets the current step finish, then training stops normally, so the end-of-training saves
-    (`checkpoints/adapter/`, `checkpoints/last.ckpt`) run; a second Ctrl-C aborts at once. A NaN or infinite loss
-    stops the run with the adapter restored to the last numbers that gave a finite loss.
-
-    Why the check looks one step back: reading a flag from the GPU in step k waits for step k to finish, so the host
-    could not queue step k+1 meanwhile (on a fast GPU that idles it for the host's share of every step). Step k's
-    flag is copied to the host without waiting and read in step k+1, by which time it has arrived; a snapshot of the
-    adapter (a few KB, copied on the device) is kept per step, so the restored numbers are the same as with an
-    immediate check. Before anything is saved (snapshots, the end of training, a signal) the pending flag is settled
-    at once, so no file ever holds numbers from a non-finite step.
-
-    With several processes the loss checked is the mean over all of them, and a signal that reached any of them stops
-    all after the same step, so that every rank takes the same way out (a rank left behind would wait forever).
-    """
+    The check looks one step back: reading the flag in step k would wait for the GPU, so the host could not queue step
+    k+1. Step k's flag is copied without waiting and read in step k+1, with a per-step snapshot of the adapter (a few KB
+    on the device) to restore; before anything is saved the pending flag is settled, so no file holds numbers from a
+    non-finite step. With several processes the mean loss over all is checked and a signal on any stops all after the
+    same step: every rank takes the same way out (a rank left behind would wait forever)."""
 
     def __init__(self, adapter_checkpoint):
         self.adapter_checkpoint = adapter_checkpoint
@@ -231,14 +200,12 @@ class TrainingGuard(pl.Callback):
         if trainer.world_size > 1:  # every rank sees every rank's loss, so that all stop after the same step
             loss = trainer.strategy.reduce(loss, reduce_op="mean")
         finite = torch.isfinite(loss).all()
-        event = None
-        if finite.is_cuda:
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(finite, non_blocking=True)
-            event = torch.cuda.Event()
+        event = torch.cuda.Event() if finite.is_cuda else None
+        finite = finite.to("cpu", non_blocking=True)  # from a GPU into pinned memory, without waiting for it
+        if event is not None:
             event.record()
-            finite = host
-        pending, self._pending = self._pending, (finite, event, [p.detach().clone() for p in params], trainer.global_step, loss)
+        snapshot = [p.detach().clone() for p in params]
+        pending, self._pending = self._pending, (finite, event, snapshot, trainer.global_step, loss)
         if pending is not None:
             self._settle(pending, params)
 
@@ -288,32 +255,21 @@ class TrainingGuard(pl.Callback):
             self.adapter_checkpoint.on_train_end(trainer, pl_module)
 
 
-class ContinuingCSVLogger(pl.loggers.CSVLogger):
-    """Lightning's CSVLogger, except that a run resumed into its folder appends to `metrics.csv`.
+class _AppendingWriter(pl.loggers.csv_logs.ExperimentWriter):
+    def _check_log_dir_exists(self):
+        """Lightning deletes an existing `metrics.csv` here; a run resumed into its folder appends to it instead (and
+        rewrites it whole only when new columns come, as Lightning does)."""
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
 
-    Lightning deletes an existing `metrics.csv` when its writer starts, so `--resume` used to lose the rows before the
-    interruption (TensorBoard keeps them). The rows are read first, written back, and the writer told their columns.
-    """
+
+class ContinuingCSVLogger(pl.loggers.CSVLogger):
+    """Lightning's CSVLogger, except that `--resume` keeps the rows of `metrics.csv` from before the interruption."""
 
     @property
+    @rank_zero_experiment
     def experiment(self):
-        if self._experiment is not None:
-            return self._experiment
-        path = os.path.join(self.log_dir, pl.loggers.csv_logs.ExperimentWriter.NAME_METRICS_FILE)
-        rows, columns = [], []
-        if os.path.isfile(path):
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                rows, columns = list(reader), list(reader.fieldnames or [])
-        writer = super().experiment
-        if columns and hasattr(writer, "metrics_keys"):  # rank 0's writer (other ranks get a dummy)
-
-            def write_back(tmp):
-                with open(tmp, "w", newline="") as f:
-                    out = csv.DictWriter(f, fieldnames=columns)
-                    out.writeheader()
-                    out.writerows(rows)
-
-            atomic_write(path, write_back)
-            writer.metrics_keys = columns
-        return writer
+        if self._experiment is None:
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -8,6 +8,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Mapping
 
 import yaml
 from omegaconf import OmegaConf
@@ -29,18 +30,20 @@ TABLE = {"max_steps": (int, -1, None), "max_epochs": (int, -1, None), "min_steps
          "timesteps": _AT_LEAST_1, "linear_start": _FRACTION, "linear_end": _FRACTION, "batch_frequency": _COUNT,
          "max_images": _COUNT, "ddim_steps": _AT_LEAST_1, "num_tokens": _AT_LEAST_1, "every_n_train_steps": _AT_LEAST_1,
          "base_learning_rate": (float, 0, None), "scale_factor": (float, 0, None), "logit_bias": (float, None, None)}
+# The Python types a YAML value may have where a parameter is annotated with a type (an int is a float, a bool is not)
+_YAML_TYPES = {bool: bool, int: int, float: (int, float), str: str, list: (list, tuple), tuple: (list, tuple),
+               dict: dict}
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
 
 
-def get_obj_from_str(string, reload=False):
+def get_obj_from_str(string):
     string = str(string)
     if not ALLOW_ANY_TARGET and (not string.startswith(TRUSTED_TARGETS) or string.startswith("ldm.cli.")):
         raise ValueError(f"{string!r} is not a class this project builds from configs (only ldm.*, Lightning's callbacks "
                          "and loggers, torch.nn/torch.optim); configs are data: if you wrote this one, pass "
                          "--allow_any_target")
     module, cls = string.rsplit(".", 1)
-    if reload:
-        importlib.reload(importlib.import_module(module))
-    obj = getattr(importlib.import_module(module, package=None), cls)
+    obj = getattr(importlib.import_module(module), cls)
     if not ALLOW_ANY_TARGET and not inspect.isclass(obj):
         raise ValueError(f"{string!r} is a function, not a class; configs may only name classes unless you pass "
                          "--allow_any_target")
@@ -49,8 +52,6 @@ def get_obj_from_str(string, reload=False):
 
 def instantiate_from_config(config):
     if "target" not in config:
-        if config in ("__is_first_stage__", "__is_unconditional__"):
-            return None
         raise KeyError("Expected key `target` to instantiate.")
     params = config.get("params", dict())
     if OmegaConf.is_config(params):
@@ -87,12 +88,13 @@ def parse_override(item):
                          "write it as YAML, e.g. key=3, key=[1,2] or key='a:b'") from None
 
 
-def _unknown_key(key, accepted, owner):
-    """The error for a config key that nothing takes, with the closest key that something does take."""
-    parent, _, name = key.rpartition(".")
+def _unknown_key(key, path, accepted, why):
+    """The error for config key `key` that nothing takes (`path`: its part up to the unknown name), with the closest
+    key that something does take."""
+    parent, _, name = path.rpartition(".")
     guess = difflib.get_close_matches(name, list(accepted), n=1)
-    hint = f"did you mean {parent}.{guess[0]}?" if guess else "check the config files"
-    return ValueError(f"unknown config key {key!r} ({owner} takes no {name!r}); {hint}")
+    hint = f"did you mean {parent + '.' if parent else ''}{guess[0]}?" if guess else "check the config files"
+    return ValueError(f"unknown config key {key!r} {why}; {hint}")
 
 
 def _fits(value, kind, alone=True):
@@ -101,40 +103,30 @@ def _fits(value, kind, alone=True):
     A type YAML cannot produce (a Logger, a timedelta) annotated alone is the consumer's to judge (it may convert);
     as one alternative of a Union, the value must fit one of the others."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if kind is inspect.Parameter.empty or kind is typing.Any:
-        return True
     if origin in (typing.Union, types.UnionType):
         return any(_fits(value, a, alone=False) for a in args)
     if origin is typing.Literal:
         return any(value == a and type(value) is type(a) for a in args)
-    if kind is type(None) or kind is None:
+    if kind is inspect.Parameter.empty or kind is typing.Any:
+        return True
+    if kind is None or kind is type(None):
         return value is None
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, typing.Sequence) or kind in (list, tuple):
-        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
-    if origin is dict or kind is dict:
-        return isinstance(value, dict)
-    return alone
+    base = origin or kind
+    if base not in _YAML_TYPES:
+        return alone
+    items = value if args and base in (list, tuple) and isinstance(value, (list, tuple)) else []
+    return (isinstance(value, _YAML_TYPES[base]) and (base is bool or not isinstance(value, bool))
+            and all(_fits(v, args[0]) for v in items))
 
 
 def _expected(param, hints):
     """What a parameter takes: its annotation, or else the type of its default (None, i.e. anything, when neither)."""
     if param.name in hints:
         return hints[param.name]
-    default = param.default
-    if isinstance(default, bool):
-        return bool
-    if isinstance(default, (int, float)):
-        return float  # 0 and 0.0 are both written for floats in configs
-    if isinstance(default, str):
-        return str
+    # bool before int (a bool is an int); 0 and 0.0 are both written for floats in configs
+    for python_types, kind in ((bool, bool), ((int, float), float), (str, str)):
+        if isinstance(param.default, python_types):
+            return kind
     return inspect.Parameter.empty
 
 
@@ -143,8 +135,7 @@ def _describe(kind):
         return " or ".join(_describe(a) for a in typing.get_args(kind))
     if typing.get_origin(kind) is typing.Literal:
         return " or ".join(map(repr, typing.get_args(kind)))
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(
-        kind, getattr(kind, "__name__", str(kind)))
+    return _NAMES.get(kind, getattr(kind, "__name__", str(kind)))
 
 
 def check_value(key, value, kind=inspect.Parameter.empty):
@@ -162,7 +153,7 @@ def check_value(key, value, kind=inspect.Parameter.empty):
     if not math.isfinite(value):
         raise ValueError(f"config key {key} = {value!r} is not a finite number; expected {_describe(typ)}")
     if (low is not None and value < low) or (high is not None and value > high):
-        span = f"between {low} and {high}" if high is not None and low is not None else (
+        span = f"between {low} and {high}" if None not in (low, high) else (
             f"at least {low}" if low is not None else f"at most {high}")
         raise ValueError(f"config key {key} = {value!r} is out of range; expected {_describe(typ)} {span}")
 
@@ -180,7 +171,7 @@ def check_params(obj, params, where, name):
     if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
         for key in params:
             if key not in accepted:
-                raise _unknown_key(f"{where}.{key}", accepted, name)
+                raise _unknown_key(f"{where}.{key}", f"{where}.{key}", accepted, f"({name} takes no {key!r})")
     for arg, p in accepted.items():
         if arg in params:
             check_value(f"{where}.{arg}", params[arg], _expected(p, hints))
@@ -190,10 +181,8 @@ def check_params(obj, params, where, name):
 
 def check_targets(node, where=""):
     """Every `target:` of the config is trusted (see TRUSTED_TARGETS) and imports, and its `params:` are arguments it
-    takes, of the types it takes.
-
-    Otherwise a typo in a config file surfaces minutes later as a TypeError from deep inside a constructor, or not at
-    all. Classes that swallow unknown keyword arguments (`**ignored`, for the reference's keys) cannot be checked."""
+    takes, of the types it takes; else a typo in a config file surfaces minutes later deep inside a constructor, or
+    never. Classes that swallow unknown keyword arguments (`**ignored`, for the reference's keys) cannot be checked."""
     if OmegaConf.is_list(node):
         for i, child in enumerate(node):
             check_targets(child, f"{where}[{i}]")
@@ -224,23 +213,20 @@ def check_trainer_keys(trainer_config):
 def check_overrides(config, dotlist):
     """A typo in `key=value` must not silently add a key that nothing reads; any Trainer argument may be added
     (`lightning.trainer.<arg>=...`, checked by check_trainer_keys)."""
+    import pytorch_lightning as pl
+
     for item in dotlist:
         if "=" not in item:
             raise ValueError(f"cannot parse argument {item!r}; overrides look like lightning.trainer.max_steps=20")
         key = item.split("=", 1)[0]
-        node, parts = config, key.split(".")
+        parts, node, start = key.split("."), config, 0
         if parts[:2] == ["lightning", "trainer"] and len(parts) == 3:
-            import pytorch_lightning as pl
-
-            node = OmegaConf.create({k: None for k in inspect.signature(pl.Trainer).parameters})
-            parts = parts[2:]
-        for i, part in enumerate(parts):
-            if not OmegaConf.is_dict(node) or part not in node:
-                known = list(node.keys()) if OmegaConf.is_dict(node) else []
-                guess = difflib.get_close_matches(part, known, n=1)
-                hint = f"did you mean {'.'.join(key.split('.')[:-len(parts) + i] + guess)}?" if guess else "check the config files"
-                raise ValueError(f"unknown config key {key!r} in override {item!r}; {hint}")
-            node = node[part]
+            node, start = dict.fromkeys(inspect.signature(pl.Trainer).parameters), 2
+        for i, part in enumerate(parts[start:], start):
+            known = node if isinstance(node, Mapping) else {}
+            if part not in known:
+                raise _unknown_key(key, ".".join(parts[:i + 1]), known, f"in override {item!r}")
+            node = known[part]
 
 
 def load_config(opt, unknown):
@@ -280,11 +266,15 @@ def load_config(opt, unknown):
 
 
 # --- hardware ---------------------------------------------------------------------------------------------------------
-def machine():
-    """What this machine offers, in words, for error messages."""
+def _cuda_count():
     import torch
 
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def machine():
+    """What this machine offers, in words, for error messages."""
+    n = _cuda_count()
     return f"this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})" if n else "this machine has no CUDA device"
 
 
@@ -296,36 +286,37 @@ def resolve_device(name, flag="--device"):
         device = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"{flag} {name!r} is not a torch device; pass cpu or cuda (or cuda:N)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise ValueError(f"{flag} {name}: {machine()}; pass {'cuda:0' if count else 'cpu'}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
+    if device.type == "cuda" and (device.index or 0) >= _cuda_count():
+        raise ValueError(f"{flag} {name}: {machine()}; pass {'cuda:0' if _cuda_count() else 'cpu'}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{flag} {name}: MPS is not available here; pass cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
+    if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"{flag} {name}: this project runs on cpu or cuda; pass one of them")
     return device
 
 
-def check_hardware(gpus, trainer_config):
-    """(use_gpu, n_devices) for `--gpus` and the trainer's `accelerator`/`devices`, refusing what the machine lacks.
+def hardware(gpus, trainer_kwargs):
+    """The Trainer's arguments with `accelerator` and `devices` from --gpus (the reference's flag, also read from its
+    `trainer.gpus` key; the flag wins) or from lightning.trainer, not both; refusing what this machine lacks.
 
     `--gpus` without CUDA is an error, not a silent CPU run: SD v1.5 on a CPU takes minutes per step, so a run the
-    user meant for a GPU would look hung. `accelerator`/`devices` in the config are folded into the answer (and
-    removed, as run() passes its own to the Trainer)."""
-    import torch
+    user meant for a GPU would look hung."""
     from pytorch_lightning.accelerators import AcceleratorRegistry
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    accelerator = str(trainer_config.pop("accelerator", "gpu" if gpus is not None else "cpu"))
-    devices = trainer_config.pop("devices", "auto")
-    devices = OmegaConf.to_container(devices) if OmegaConf.is_config(devices) else devices
-    spec, flag = (gpus, "--gpus") if gpus is not None else (devices, "lightning.trainer.devices")
+    config_gpus = trainer_kwargs.pop("gpus", None)
+    gpus = config_gpus if gpus is None else gpus
+    if gpus is not None:
+        if "devices" in trainer_kwargs or trainer_kwargs.get("accelerator", "gpu") not in ("gpu", "cuda"):
+            raise ValueError(f"--gpus {gpus} and lightning.trainer.devices/accelerator both choose the devices; "
+                             "keep one of them")
+        trainer_kwargs.update(accelerator="gpu", devices=str(gpus))
+    accelerator, spec = str(trainer_kwargs.setdefault("accelerator", "cpu")), trainer_kwargs.get("devices", "auto")
+    count, flag = _cuda_count(), "--gpus" if gpus is not None else "lightning.trainer.devices"
     try:  # Lightning's spelling: a count (2, -1, "auto"), or ids ("0," "0,1", [0, 1])
         if spec in ("auto", -1, "-1"):
             wanted = list(range(count))
-        elif isinstance(spec, (list, tuple)) or "," in str(spec):
-            wanted = [int(g) for g in (spec if isinstance(spec, (list, tuple)) else str(spec).split(",")) if str(g).strip()]
+        elif isinstance(spec, list) or "," in str(spec):
+            wanted = [int(g) for g in (spec if isinstance(spec, list) else str(spec).split(",")) if str(g).strip()]
         else:
             wanted = list(range(int(spec)))
     except ValueError:
@@ -333,15 +324,15 @@ def check_hardware(gpus, trainer_config):
     names = set(AcceleratorRegistry.available_accelerators()) | {"gpu", "auto"}
     if accelerator not in names:
         raise ValueError(f"lightning.trainer.accelerator {accelerator!r} is unknown; pass one of {', '.join(sorted(names))}")
-    if accelerator == "auto":
-        accelerator = "cuda" if count else "cpu"
+    accelerator = ("cuda" if count else "cpu") if accelerator == "auto" else accelerator
     if accelerator not in ("cpu", "gpu", "cuda"):
         raise ValueError(f"accelerator {accelerator!r}: this project trains on cpu or cuda; pass one of them")
-    if accelerator == "cpu":
-        return False, 1
-    if not count or not wanted or max(wanted) >= count:
+    if accelerator == "cpu" and isinstance(spec, int) and spec > (os.cpu_count() or 1):
+        raise ValueError(f"lightning.trainer.devices={spec} asks for {spec} CPU processes, but this machine has "
+                         f"{os.cpu_count()} cores; ask for at most that many")
+    if accelerator != "cpu" and (not count or not wanted or max(wanted) >= count):
         what = f"GPU(s) {', '.join(map(str, wanted))}" if wanted else "a GPU"
         fix = "drop --gpus (and accelerator) to train on the CPU (fine for tiny configs; SD v1.5 takes minutes a step)" \
             if not count else f"pass GPU ids below {count}"
         raise ValueError(f"training asks for {what} but {machine()}; {fix}")
-    return True, len(wanted)
+    return trainer_kwargs

@@ -1,9 +1,6 @@
-"""The process's global random states (torch CPU and CUDA, numpy, Python `random`) as a checkpoint can hold them.
-
-Lightning's own collector (`lightning_fabric.utilities.seed._collect_rng_states`) returns numpy's state as an
-ndarray, which `torch.load(weights_only=True)` refuses (and --resume loads checkpoints that way); here every state is
-tensors and plain Python values.
-"""
+"""The process's global random states (torch CPU and CUDA, numpy, Python `random`) as a checkpoint can hold them:
+Lightning's own collector returns numpy's state as an ndarray, which `torch.load(weights_only=True)` refuses (and
+--resume loads checkpoints that way); here every state is tensors and plain Python values."""
 import warnings
 
 import torch
@@ -15,16 +12,16 @@ def collect_rng_states():
     # would start CUDA in a CPU run on a machine with GPUs.
     states = _collect_rng_states(include_cuda=torch.cuda.is_initialized())
     states.setdefault("torch.cuda", [])
-    name, keys, pos, has_gauss, cached_gaussian = states["numpy"]
-    states["numpy"] = [name, torch.from_numpy(keys.copy()), pos, has_gauss, cached_gaussian]
+    name, keys, *rest = states["numpy"]
+    states["numpy"] = [name, torch.from_numpy(keys.copy()), *rest]
     return states
 
 
 def restore_rng_states(states):
     """Set the global random states from `collect_rng_states()`'s dict (as loaded from a checkpoint)."""
     states = dict(states)
-    name, keys, pos, has_gauss, cached_gaussian = states["numpy"]
-    states["numpy"] = (name, keys.numpy(), pos, has_gauss, cached_gaussian)
+    name, keys, *rest = states["numpy"]
+    states["numpy"] = (name, keys.numpy(), *rest)
     cuda = states.pop("torch.cuda", [])
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if len(cuda) == count:

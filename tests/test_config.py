@@ -3,6 +3,7 @@
 The command lines' answers are in tests/test_reliability.py; here the rules themselves, on simulated machines."""
 import argparse
 import errno
+import os
 import re
 
 import pytest
@@ -77,16 +78,19 @@ def test_the_flag_allows_a_config_the_user_wrote(tmp_path):
 def two_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
 
 
 @pytest.mark.parametrize("gpus, trainer, answer", [
-    ("0,", {}, (True, 1)), ("0,1", {}, (True, 2)), ("2", {}, (True, 2)), (None, {"accelerator": "gpu", "devices": 2}, (True, 2)),
-    (None, {"accelerator": "auto"}, (True, 2)), (None, {}, (False, 1)), (None, {"accelerator": "cpu", "devices": 4}, (False, 1)),
+    ("0,", {}, {"accelerator": "gpu", "devices": "0,"}), ("0,1", {}, {"accelerator": "gpu", "devices": "0,1"}),
+    ("2", {"gpus": "0,"}, {"accelerator": "gpu", "devices": "2"}),  # the flag wins over the reference's config key
+    (None, {"gpus": 1}, {"accelerator": "gpu", "devices": "1"}),
+    (None, {"accelerator": "gpu", "devices": 2}, {"accelerator": "gpu", "devices": 2}),
+    (None, {"accelerator": "auto"}, {"accelerator": "auto"}), (None, {}, {"accelerator": "cpu"}),
+    (None, {"accelerator": "cpu", "devices": 4}, {"accelerator": "cpu", "devices": 4}),
 ])
 def test_hardware_on_a_two_gpu_machine(gpus, trainer, answer, two_gpus):
-    trainer = OmegaConf.create(trainer)
-    assert cfg.check_hardware(gpus, trainer) == answer
-    assert "accelerator" not in trainer and "devices" not in trainer  # run() passes its own to the Trainer
+    assert cfg.hardware(gpus, trainer) == answer  # what run() passes to the Trainer
 
 
 @pytest.mark.parametrize("gpus, trainer, message", [
@@ -96,16 +100,19 @@ def test_hardware_on_a_two_gpu_machine(gpus, trainer, answer, two_gpus):
     (None, {"accelerator": "tpu2"}, "lightning.trainer.accelerator 'tpu2' is unknown; pass one of auto, cpu, cuda, gpu"),
     (None, {"accelerator": "mps"}, "accelerator 'mps': this project trains on cpu or cuda"),
     ("first", {}, "--gpus 'first' is not a GPU count or list of ids"),
+    (None, {"accelerator": "cpu", "devices": 5}, "lightning.trainer.devices=5 asks for 5 CPU processes, but this machine "
+                                                 "has 4 cores; ask for at most that many"),
+    ("0,", {"devices": 2}, "--gpus 0, and lightning.trainer.devices/accelerator both choose the devices; keep one of them"),
 ])
 def test_hardware_requests_that_cannot_be_met(gpus, trainer, message, two_gpus):
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        cfg.check_hardware(gpus, OmegaConf.create(trainer))
+        cfg.hardware(gpus, trainer)
 
 
 def test_gpus_on_a_machine_without_cuda_is_an_error_not_a_silent_cpu_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"^training asks for GPU\(s\) 0 but this machine has no CUDA device; drop --gpus"):
-        cfg.check_hardware("0,", OmegaConf.create({}))
+        cfg.hardware("0,", {})
 
 
 @pytest.mark.parametrize("name", ["cpu", "cuda", "cuda:1"])

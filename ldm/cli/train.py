@@ -7,22 +7,22 @@ import argparse
 import datetime
 import glob
 import logging
-import shutil
 import os
+import shutil
 import sys
 
 from omegaconf import OmegaConf
 
 from ldm.callbacks import (AdapterCheckpoint, AdapterSummary, ContinuingCSVLogger, StepProgressBar, TrainingGuard,
                            quiet_lightning)
-from ldm.config import _one_line, check_hardware, load_config
+from ldm.config import _one_line, hardware, load_config
 from ldm.files import new_folder
-from ldm.util import HelpFormatter, one_line_errors
+from ldm.util import HelpFormatter, instantiate_from_config, one_line_errors
 
-LOG_EVERY_N_STEPS = 10  # when a config sets no lightning.trainer.log_every_n_steps
-# The run folder's time stamp, handed to the other processes of a multi-process run so that all name the same folder
-# (Lightning's DDP launcher starts them by running the same command again; under SLURM export it in the job script).
-RUN_DIR_ENV = "CATVERSION_RUN_DIR"  # rank zero's run folder, for the processes Lightning starts for the other ranks
+# Rank zero's run folder, for the processes Lightning's DDP launcher starts by running the same command again (under
+# SLURM, export it in the job script so that every node names the same folder).
+RUN_DIR_ENV = "CATVERSION_RUN_DIR"
+_BOOLS = dict.fromkeys(("yes", "true", "t", "y", "1"), True) | dict.fromkeys(("no", "false", "f", "n", "0"), False)
 
 
 class TrainingStopped(Exception):
@@ -34,13 +34,9 @@ class TrainingStopped(Exception):
 
 
 def str2bool(v):
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if v.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError("Boolean value expected.")
+    if v.lower() not in _BOOLS:
+        raise argparse.ArgumentTypeError("Boolean value expected.")
+    return _BOOLS[v.lower()]
 
 
 def get_parser():
@@ -95,8 +91,7 @@ def resolve_resume(opt):
     if not os.path.exists(opt.resume):
         raise ValueError(f"cannot resume: {opt.resume} does not exist; pass a run folder under {opt.logdir}/")
     if os.path.isfile(opt.resume):
-        logdir = os.path.dirname(os.path.dirname(os.path.abspath(opt.resume)))
-        return logdir, opt.resume
+        return os.path.dirname(os.path.dirname(os.path.abspath(opt.resume))), opt.resume
     ckpt = os.path.join(opt.resume, "checkpoints", "last.ckpt")
     if not os.path.isfile(ckpt):
         raise ValueError(f"cannot resume: {ckpt} not found; the run saved no checkpoint yet, start it again without --resume")
@@ -120,30 +115,7 @@ def check_resumable(path):
         raise WeightsError(f"cannot resume: {path} is not a checkpoint of a training run; pass a run folder under logs/")
 
 
-def launched_rank():
-    """This process's rank as a launcher set it before any Trainer exists (Lightning's own for the ranks it starts,
-    torchrun, SLURM); 0 when none did."""
-    return int(next((os.environ[v] for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK") if os.environ.get(v)), 0))
-
-
-def hardware(opt, trainer_kwargs):
-    """Lightning's accelerator and devices from --gpus (the reference's flag) or from lightning.trainer, not both."""
-    gpus = trainer_kwargs.pop("gpus", None)  # the reference's config key, read as --gpus; the flag wins
-    gpus = gpus if opt.gpus is None else opt.gpus
-    if gpus is not None:
-        if "devices" in trainer_kwargs or trainer_kwargs.get("accelerator", "gpu") not in ("gpu", "cuda"):
-            raise ValueError(f"--gpus {gpus} and lightning.trainer.devices/accelerator both choose the devices; "
-                             "keep one of them")
-        trainer_kwargs.update(accelerator="gpu", devices=str(gpus))
-    trainer_kwargs.setdefault("accelerator", "cpu")
-    devices = trainer_kwargs.get("devices")
-    if trainer_kwargs["accelerator"] == "cpu" and isinstance(devices, int) and devices > (os.cpu_count() or 1):
-        raise ValueError(f"lightning.trainer.devices={devices} asks for {devices} CPU processes, but this machine has "
-                         f"{os.cpu_count()} cores; ask for at most that many")
-    return trainer_kwargs
-
-
-def _build(opt, config, lightning_config, trainer_config, trainer_kwargs, logdir, ckptdir, now, extra_callbacks):
+def _build(opt, config, lightning_config, trainer_kwargs, logdir, now, extra_callbacks):
     """The Trainer (first: Lightning checks accelerator, devices and strategy), the data, the model and the run's
     saved configs; returns (trainer, data, model, guard, print on rank zero)."""
     import pytorch_lightning as pl
@@ -154,14 +126,14 @@ def _build(opt, config, lightning_config, trainer_config, trainer_kwargs, logdir
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     from ldm.checkpoint import load_checkpoint_into
-    from ldm.util import instantiate_from_config
 
+    ckptdir = os.path.join(logdir, "checkpoints")
     every = lightning_config.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 250)
     adapter_checkpoint = AdapterCheckpoint(
         ckptdir, every_n_train_steps=every, base_class_word=config.data.params.train.params.get("base_class_word"))
     guard = TrainingGuard(adapter_checkpoint)
     # Reading the loss for the progress bar and the loggers waits for the GPU; every 10 steps it costs little.
-    trainer_kwargs.setdefault("log_every_n_steps", LOG_EVERY_N_STEPS)
+    trainer_kwargs.setdefault("log_every_n_steps", 10)
     callbacks = [
         guard,  # first: it settles the last step's loss check before anything below saves
         StepProgressBar(refresh_rate=trainer_kwargs["log_every_n_steps"]),
@@ -171,11 +143,10 @@ def _build(opt, config, lightning_config, trainer_config, trainer_kwargs, logdir
         ModelCheckpoint(dirpath=ckptdir, filename="{epoch:06}-{step:09}", every_n_train_steps=every, save_last=True,
                         save_top_k=-1, enable_version_counter=False),
         adapter_checkpoint,
+        *[instantiate_from_config(c) for c in lightning_config.get("callbacks", {}).values()],
+        *extra_callbacks,
     ]
     quiet_lightning()
-    for cb_cfg in lightning_config.get("callbacks", {}).values():
-        callbacks.append(instantiate_from_config(cb_cfg))
-    callbacks.extend(extra_callbacks)
     # Built before the model loads: Lightning checks the accelerator, devices and strategy here. Its "GPU available"
     # lines wait until the model has loaded, so that bad input (data, checkpoint) still ends as one line on stderr.
     lightning_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
@@ -187,7 +158,6 @@ def _build(opt, config, lightning_config, trainer_config, trainer_kwargs, logdir
             default_root_dir=logdir,
             callbacks=callbacks,
             logger=[TensorBoardLogger(logdir, name="tensorboard", version=""), ContinuingCSVLogger(logdir, name="csv", version="")],
-            enable_progress_bar=True,
             enable_model_summary=False,  # AdapterSummary above replaces Lightning's, which counts no adapter
             use_distributed_sampler=False,  # the datamodule's sampler gives each process its shard (exact --resume)
         )
@@ -206,18 +176,17 @@ def _build(opt, config, lightning_config, trainer_config, trainer_kwargs, logdir
     elif not opt.resume:
         say("Warning: no --actual_resume; training on a randomly initialised base model")
     _log_device_info(trainer)
-    model.learning_rate, message = learning_rate(config, trainer_config, trainer.world_size, opt.scale_lr)
+    model.learning_rate, message = learning_rate(config, trainer_kwargs, trainer.world_size, opt.scale_lr)
     say(message)
     if trainer.world_size > 1:
         # DDP all-reduces the gradients of registered parameters only, and the adapter is kept out of them on purpose
         # (FrozenCLIPEmbedder): here it is registered for the run. The checkpoints hold no state_dict (LatentDiffusion).
         model.ddp_trainable = torch.nn.ParameterList(model.trainable_parameters())
         os.environ[RUN_DIR_ENV] = logdir  # for the processes Lightning starts
-
     if trainer.is_global_zero:
         os.makedirs(os.path.join(logdir, "configs"), exist_ok=True)
-        project = OmegaConf.merge(config, {"run": {"actual_resume": opt.actual_resume}})
-        OmegaConf.save(project, os.path.join(logdir, "configs", f"{now}-project.yaml"))
+        OmegaConf.save(OmegaConf.merge(config, {"run": {"actual_resume": opt.actual_resume}}),
+                       os.path.join(logdir, "configs", f"{now}-project.yaml"))
         # --gpus is kept in the run config under the reference's key (trainer.gpus), so that --resume needs no flag to use the same GPUs
         gpus = {"lightning": {"trainer": {"gpus": opt.gpus}}} if opt.gpus is not None else {}
         OmegaConf.save(OmegaConf.merge({"lightning": lightning_config}, gpus), os.path.join(logdir, "configs", f"{now}-lightning.yaml"))
@@ -226,6 +195,7 @@ def _build(opt, config, lightning_config, trainer_config, trainer_kwargs, logdir
 
 def run(opt, unknown, extra_callbacks=()):
     """Set up (and with -t, train) a run; returns (run folder, model)."""
+    from pytorch_lightning.utilities import rank_zero_only
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from ldm.checkpoint import check_exists
@@ -238,8 +208,7 @@ def run(opt, unknown, extra_callbacks=()):
     if opt.resume:
         logdir, ckpt_path = resolve_resume(opt)
         check_resumable(ckpt_path)
-        if not opt.base:
-            opt.base = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
+        opt.base = opt.base or sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
     else:
         if not opt.base:
             raise ValueError("no config; pass --base configs/stable-diffusion/v1-finetune.yaml (or configs/tiny/v1-finetune.yaml)")
@@ -249,32 +218,27 @@ def run(opt, unknown, extra_callbacks=()):
     check_output_dir(logdir, flag="-l/--logdir")
     config = load_config(opt, unknown)
     # The run's own inputs travel with its config, so that --resume needs nothing but the run folder.
-    run_config = config.pop("run", OmegaConf.create())
-    opt.actual_resume = opt.actual_resume or run_config.get("actual_resume")
+    run_inputs = config.pop("run", {})
+    opt.actual_resume = opt.actual_resume or run_inputs.get("actual_resume")
     if opt.actual_resume:
         check_exists(opt.actual_resume)
     lightning_config = config.pop("lightning", OmegaConf.create())
-    trainer_config = lightning_config.get("trainer", OmegaConf.create())
-    gpus = opt.gpus if opt.gpus is not None else trainer_config.get("gpus")
-    trainer_kwargs = hardware(opt, dict(OmegaConf.to_container(trainer_config, resolve=True)))
-    # GPU ids and accelerator names against this machine, named by the flag or key that asked for them
-    check_hardware(gpus, OmegaConf.create({} if gpus is not None else dict(trainer_kwargs)))
+    trainer_kwargs = hardware(opt.gpus, OmegaConf.to_container(lightning_config).get("trainer", {}))
     claimed = None
+    # rank_zero_only.rank is the rank a launcher set before any Trainer exists (Lightning's own for the ranks it starts,
+    # torchrun, SLURM). Rank zero claims the folder: another run started in the same second may have taken the name.
     if not opt.resume:
         if os.environ.get(RUN_DIR_ENV):  # a process Lightning started for another rank: rank zero's folder
             logdir = os.environ[RUN_DIR_ENV]
-        elif launched_rank() == 0:  # the name was free when checked; another run started in the same second may take it
+        elif rank_zero_only.rank == 0:
             parent_existed = os.path.isdir(os.path.dirname(os.path.abspath(logdir)))
             logdir = claimed = new_folder(logdir.rstrip("/"))
-    ckptdir = os.path.join(logdir, "checkpoints")
     try:
-        trainer, data, model, guard, say = _build(opt, config, lightning_config, trainer_config, trainer_kwargs, logdir,
-                                                  ckptdir, now, extra_callbacks)
+        trainer, data, model, guard, say = _build(opt, config, lightning_config, trainer_kwargs, logdir, now,
+                                                  extra_callbacks)
     except BaseException:
         if claimed:  # bad input found after the folder was claimed: leave no empty run folder behind
-            shutil.rmtree(claimed, ignore_errors=True)
-            if not parent_existed:
-                shutil.rmtree(os.path.dirname(os.path.abspath(claimed)), ignore_errors=True)
+            shutil.rmtree(claimed if parent_existed else os.path.dirname(os.path.abspath(claimed)), ignore_errors=True)
         raise
 
     if opt.train:
@@ -285,16 +249,15 @@ def run(opt, unknown, extra_callbacks=()):
             if guard.signal is None:
                 raise
         except FloatingPointError as e:
-            raise TrainingStopped(
-                f"training stopped: {e}; the last good adapter is in {os.path.join(ckptdir, 'adapter')}; "
-                "lower model.base_learning_rate or check the images", 3) from None
+            raise TrainingStopped(f"training stopped: {e}; the last good adapter is in {logdir}/checkpoints/adapter; "
+                                  "lower model.base_learning_rate or check the images", 3) from None
         finally:
             restore_signals()
             os.environ.pop(RUN_DIR_ENV, None)
         if guard.signal is not None:
-            raise TrainingStopped(
-                f"interrupted at step {trainer.global_step}; adapter and resumable checkpoint saved in {ckptdir}; "
-                f"continue with: python main.py --resume {logdir}", 128 + guard.signal)
+            raise TrainingStopped(f"interrupted at step {trainer.global_step}; adapter and resumable checkpoint saved "
+                                  f"in {logdir}/checkpoints; continue with: python main.py --resume {logdir}",
+                                  128 + guard.signal)
     say(f"Run folder: {logdir}")
     return logdir, model
 

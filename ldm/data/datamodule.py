@@ -5,7 +5,6 @@ import warnings
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from ldm.data.personalized import Concepts, concept_names
@@ -16,21 +15,14 @@ class ResumableSampler(Sampler):
     """A new random order of the dataset every data epoch, as `DataLoader(shuffle=True)` gives, such that an
     interrupted run goes on with the very items an uninterrupted one would have drawn.
 
-    Epoch e's order is `randperm` from a generator seeded with `seed + e` (the run's seed, no global random state).
-    With `item_seeds` each item comes as the key `(index, item_seed)`, `item_seed` naming (seed, epoch, index), and the
-    dataset draws the item's own random choices (flip, caption) from it, so they do not depend on which process loads
-    it or when (DataLoader workers, prefetching); otherwise as a plain index.
-
-    Where the run stands is counted in batches consumed by training (`consumed_batches()`, the trainer's count, which
-    a checkpoint restores), not in items handed out: Lightning and the DataLoader workers fetch batches ahead, and
-    those were never trained on. `anchor` says where the count `anchor_batches` stood: at item `position` of data
-    epoch `epoch`. A data epoch ends when its items run out (the last batch may be short), whatever epoch number
-    Lightning counts; a run stopped by max_steps mid-epoch is counted as a finished epoch by Lightning.
-
-    With several processes each takes its shard of the same order, as torch's DistributedSampler does: the order padded
-    with its first items to a multiple of `world_size`, then every `world_size`-th item from `rank` on. All ranks thus
-    take the same number of batches per data epoch, and together each item (but the padding) once.
-    """
+    Epoch e's order is `randperm` seeded with `seed + e` (no global random state). With `item_seeds` each item comes as
+    `(index, item_seed)`, from which the dataset draws its flip and caption, whichever process loads it, and when.
+    Where the run stands is counted in batches consumed by training (`consumed_batches()`, the trainer's count, which a
+    checkpoint restores), not in items handed out: Lightning and the DataLoader workers fetch ahead. `anchor`: the count
+    `anchor_batches` stood at item `position` of data epoch `epoch` (a data epoch ends when its items run out, whatever
+    epoch Lightning counts). With several processes each takes its shard of the same order as torch's
+    DistributedSampler does: padded with its first items to a multiple of `world_size`, every `world_size`-th item from
+    `rank` on, so all ranks take the same number of batches per data epoch."""
 
     def __init__(self, length, batch_size, seed, consumed_batches=None, item_seeds=True, rank=0, world_size=1):
         self.length, self.batch_size, self.seed, self.item_seeds = length, batch_size, seed, item_seeds
@@ -104,13 +96,10 @@ class ResumableSampler(Sampler):
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
-    def __init__(self, batch_size, train=None, validation=None, num_workers=None, wrap=False, **ignored):
+    def __init__(self, batch_size, train=None, num_workers=None, **ignored):  # ignored: validation, wrap (reference)
         super().__init__()
-        self.batch_size = batch_size
+        self.batch_size, self.train_config, self.train_dataset, self.sampler = batch_size, train, None, None
         self.num_workers = batch_size * 2 if num_workers is None else num_workers
-        self.train_config = train
-        self.train_dataset = None
-        self.sampler = None
         # The run's seed (pl.seed_everything has just set it); the data order and the items' draws derive from it.
         self.seed = torch.initial_seed()
 
@@ -126,18 +115,16 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     def _consumed_batches(self):
         """Batches the training loop has taken (restored with the loops on --resume); None outside a Trainer."""
-        if self.trainer is None:
-            return None
-        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        return None if self.trainer is None else self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
     def train_dataloader(self):
         self.setup()
-        loader = {"batch_size": self.batch_size, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
-                  "collate_fn": getattr(self.train_dataset, "collate", None)}
         # Our own generator: a DataLoader without one draws its workers' base seed from the global torch stream
         # whenever it starts iterating, which --resume does at another point than an uninterrupted run.
-        return DataLoader(self.train_dataset, sampler=self.sampler, generator=torch.Generator().manual_seed(self.seed % 2**64),
-                          **loader)
+        generator = torch.Generator().manual_seed(self.seed % 2**64)
+        return DataLoader(self.train_dataset, self.batch_size, sampler=self.sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, generator=generator,
+                          collate_fn=getattr(self.train_dataset, "collate", None))
 
     # Saved in every checkpoint (Lightning calls these with the LightningModule's hooks): where the data order stands.
     def state_dict(self):
@@ -151,8 +138,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
 def build_dataset(config):
     """The dataset of a config; lists of `data_root` and `base_class_word` (one per concept) make a `Concepts`."""
-    params = config.get("params") or {}
-    params = OmegaConf.to_container(params, resolve=True) if OmegaConf.is_config(params) else dict(params)
+    params = dict(config.get("params") or {})  # plain data: instantiate_from_config resolved the data config
     roots = params.get("data_root")
     if not isinstance(roots, list):
         return instantiate_from_config(config)

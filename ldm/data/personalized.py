@@ -10,38 +10,19 @@ from torch.utils.data import Dataset, default_collate
 
 from ldm.images import UnreadableImage, list_images, load_rgb
 
-INTERPOLATIONS = {
-    "linear": Image.Resampling.BILINEAR,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "nearest": Image.Resampling.NEAREST,
-}
+INTERPOLATIONS = {"linear": Image.Resampling.BILINEAR,
+                  **{name: Image.Resampling[name.upper()] for name in ("bilinear", "bicubic", "lanczos", "nearest")}}
 
 
 class PersonalizedBase(Dataset):
-    """The reference's dataset, with the caption built from `base_class_word` through `templates`.
-
-    Unreadable images are skipped with a warning naming them (a corrupt file among good ones should not cost a run);
-    a folder without any readable image is an error.
-    """
+    """The reference's dataset, with the caption built from `base_class_word` through `templates`. Unreadable images
+    are skipped with a warning naming them (a corrupt file among good ones should not cost a run)."""
 
     takes_item_seeds = True  # __getitem__ takes ResumableSampler's `(index, item_seed)` keys
 
-    def __init__(
-        self,
-        data_root,
-        size=None,
-        repeats=100,
-        interpolation="bicubic",
-        flip_p=0.5,
-        set="train",
-        center_crop=False,
-        base_class_word=None,
-        templates=("{}",),
-        placeholder_token=None,
-        **ignored,  # reference keys that CatVersion does not use (per_image_tokens, mixing_prob, coarse_class_text)
-    ):
+    # **ignored: reference keys that CatVersion does not use (per_image_tokens, mixing_prob, coarse_class_text)
+    def __init__(self, data_root, size=None, repeats=100, interpolation="bicubic", flip_p=0.5, set="train",
+                 center_crop=False, base_class_word=None, templates=("{}",), placeholder_token=None, **ignored):
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {interpolation!r}; use one of {sorted(INTERPOLATIONS)}")
         word = base_class_word or placeholder_token
@@ -80,24 +61,17 @@ class PersonalizedBase(Dataset):
         return (np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
 
     def __getitem__(self, key):
-        """Item `key`: an index, or `(index, item_seed)` as `ResumableSampler` yields them.
-
-        As in the reference, the picture is mirrored with probability flip_p and gets a caption drawn uniformly from the
-        template list. With an `item_seed` both draws come from `random.Random(item_seed)`; the authors' code (and a
-        plain index here) draws them from the process's global random streams. A deliberate change that leaves the
-        distribution as it was: an item's draws no longer depend on which DataLoader worker loads it, or when (the
-        workers' global streams are seeded anew whenever a run starts), so a resumed run sees exactly the items an
-        uninterrupted one would have."""
+        """Item `key`: an index, or `(index, item_seed)` as `ResumableSampler` yields them. As in the reference, the
+        picture is mirrored with probability flip_p and gets a caption drawn uniformly from the templates; with an
+        `item_seed` both draws come from `random.Random(item_seed)`, not (as in the authors' code and for a plain index)
+        from the process's global streams: the same distribution, but an item's draws no longer depend on which
+        DataLoader worker loads it, or when, so a resumed run sees exactly the items an uninterrupted one would have."""
         i, item_seed = key if isinstance(key, tuple) else (key, None)
         rng = random if item_seed is None else random.Random(item_seed)
         flip = rng.random() < self.flip_p
-        return {
-            "image": self.prepare(i, flip),
-            "caption": rng.choice(self.captions),
-            # Which picture this is: a trainer may cache its VAE latents per (index, flip) (LatentDiffusion's fast path).
-            "index": i % self.num_images,
-            "flip": flip,
-        }
+        # `index` names the picture: a trainer may cache its VAE latents per (index, flip) (LatentDiffusion's fast path)
+        return {"image": self.prepare(i, flip), "caption": rng.choice(self.captions), "index": i % self.num_images,
+                "flip": flip}
 
 
 def concept_names(data_roots, words):
