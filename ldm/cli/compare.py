@@ -159,6 +159,7 @@ def score(opt, scorers, concept, prompts, images):
     from ldm.images import list_images, load_rgb
 
     gens = [load_rgb(p) for _, _, p in images]
+    refs = [load_rgb(p) for p in list_images(concept["root"]).values()]
     rows = [{"prompt": prompts[i], "seed": s, "image": os.path.relpath(p, opt.out)} for i, s, p in images]
     if opt.toy:
         from ldm.toy.metrics import fidelity, parse_prompt, read_scenes
@@ -167,23 +168,17 @@ def score(opt, scorers, concept, prompts, images):
         for row, scene in zip(rows, read_scenes((torch.from_numpy(to_model_range(gens)) + 1) / 2)):
             row["toy_fidelity"] = fidelity(scene, concept["stripes"])
             row["toy_editability"] = float(scene["background"] == parse_prompt(row["prompt"])["background"])
-    refs = [load_rgb(p) for p in list_images(concept["root"]).values()]
     if "clip" in scorers:
-        from ldm.evaluation.clip_metrics import encode_images, encode_text
+        from ldm.evaluation.clip_metrics import clip_scores
 
-        clip = scorers["clip"]
-        gen_f, ref_f = encode_images(clip, gens), encode_images(clip, refs)
-        texts = {t: encode_text(clip, t.format(concept["word"])) for t in set(prompts)}
-        for row, g in zip(rows, gen_f):
-            row["clip_i"] = (ref_f @ g).mean().item()
-            row["clip_t"] = (texts[row["prompt"]] @ g).item()
-            row["clipscore"] = 2.5 * max(row["clip_t"], 0.0)
+        texts = [row["prompt"].format(concept["word"]) for row in rows]
+        for row, clip_i, clip_t in zip(rows, *(s.tolist() for s in clip_scores(scorers["clip"], refs, gens, texts))):
+            row.update(clip_i=clip_i, clip_t=clip_t, clipscore=2.5 * max(clip_t, 0.0))
     if "dino" in scorers:
-        from ldm.evaluation.dino import features
+        from ldm.evaluation.dino import dino_scores
 
-        ref_f = features(scorers["dino"], refs)
-        for row, g in zip(rows, features(scorers["dino"], gens)):
-            row["dino"] = (ref_f @ g).mean().item()
+        for row, value in zip(rows, dino_scores(scorers["dino"], refs, gens).tolist()):
+            row["dino"] = value
     return rows
 
 

@@ -77,6 +77,6 @@ def features(model, images, batch_size=32):
     return F.normalize(torch.cat(out), dim=-1)
 
 
-def dino_score(model, reference_images, generated_images):
-    """Mean cosine over all (reference, generated) pairs of DINO class tokens."""
-    return (features(model, generated_images) @ features(model, reference_images).T).mean().item()
+def dino_scores(model, reference_images, generated_images):
+    """Per generated image, the mean cosine of its DINO class token to the references' (a tensor)."""
+    return (features(model, generated_images) @ features(model, reference_images).T).mean(dim=1)
