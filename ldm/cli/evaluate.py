@@ -2,8 +2,7 @@
 mean and, when masks are given, masked CLIP-I (the concept region only; --rm_mask: the authors' layout instead).
 
 Writes the means and per-image scores as JSON to --out, the per-image rows as CSV and a bar chart
-of the means as PNG beside it (same stem), and prints a table. The metric code lives in
-ldm/evaluation/clip_metrics.py.
+of the means as PNG beside it (same stem), and prints a table.
 """
 import argparse
 import json
@@ -17,12 +16,10 @@ from ldm.report import bar_chart, csv_text, markdown_table, write_files
 from ldm.sampling import check_output_dir
 from ldm.util import HelpFormatter, one_line_errors
 
-MASK_RULE = (
-    "Masked CLIP-I: on both sides, pixels outside the mask become the CLIP mean grey RGB "
-    f"{clip_metrics.FILL}, the image is cropped to the mask's bounding box and padded to a centred "
-    "square with the same grey, then CLIP's usual preprocessing follows. Masks are PNGs matched to "
-    "images by file stem (greyscale pixel > 127 = concept), resized to their image (nearest) if needed."
-)
+MASK_RULE = (f"Masked CLIP-I: on both sides, pixels outside the mask become CLIP's mean grey {clip_metrics.FILL}, the "
+             "image is cropped to the mask's bounding box and padded to a centred square with the same grey, then "
+             "CLIP's usual preprocessing follows. Masks are PNGs matched to images by file stem (greyscale pixel > 127 "
+             "= concept), resized to their image (nearest) if needed.")
 LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "geometric_mean": "geometric mean", "masked_clip_i": "masked CLIP-I"}
 
 

@@ -148,16 +148,12 @@ def compute_metrics(clip, ref_images, gen_images, prompt, ref_masks=None, gen_ma
                     ref_removed=None, gen_removed=None):
     """All scores for PIL images keyed by stem; masks (both or neither) are {stem: boolean array}.
 
-    Masked CLIP-I comes from the masks (`masked_view`) or, instead, from `ref_removed`/`gen_removed`: background-removed
+    Masked CLIP-I comes from the masks (`masked_view`) or else from `ref_removed`/`gen_removed`: background-removed
     copies scored as they are (the authors' `rm_mask/` layout); "masked_clip_i_rule" names the rule that produced it.
     Returns {"clip_i", "clip_t", "geometric_mean", ["masked_clip_i", "masked_clip_i_rule"], "per_image"}, where
     "per_image" is a list of {"image": stem, "clip_i", "clip_t", ["masked_clip_i"]} in the order of `gen_images`."""
-    if not ref_images or not gen_images:
-        raise ValueError("need at least one reference and one generated image")
     if (ref_masks is None) != (gen_masks is None) or (ref_removed is None) != (gen_removed is None):
         raise ValueError("masks given for only one side; pass both reference and generated masks, or neither")
-    if ref_masks is not None and ref_removed is not None:
-        raise ValueError("two masked CLIP-I rules at once; pass masks or background-removed copies, not both")
     clip_i_rows, clip_t_rows = clip_scores(clip, list(ref_images.values()), list(gen_images.values()),
                                            [prompt] * len(gen_images), batch_size)
     result = {"clip_i": clip_i_rows.mean().item(), "clip_t": clip_t_rows.mean().item()}
