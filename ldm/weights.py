@@ -10,6 +10,8 @@ import re
 import zipfile
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 _BASE_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
@@ -77,8 +79,6 @@ def read_tensors(path, fix=None):
 
 def read_metadata(path):
     """The string metadata of a `.safetensors` file's header ({} if it has none)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             return f.metadata() or {}
@@ -104,7 +104,6 @@ def _unreadable(path, err, fix=None):
     return WeightsError(f"{path} is corrupt or truncated ({type(err).__name__}: {gist}); {fix or 'download it again'}")
 
 
-# safetensors' dtype names.
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                        "BOOL": torch.bool}
@@ -116,9 +115,6 @@ def read_safetensors(path):
     safetensors' own `load_file` copies every tensor out of its mapping, so a 4 GB file briefly holds 8 GB; here a
     page is read only when its tensor is used. The library still checks the header. A file whose layout we cannot
     map (an unknown dtype, an unaligned tensor) is read by the library instead."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     with safe_open(path, framework="pt", device="cpu") as f:  # validates the header: offsets, sizes, dtypes
         keys = list(f.keys())
     with open(path, "rb") as f:
