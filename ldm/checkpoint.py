@@ -86,9 +86,8 @@ def check_fits(model_state, ckpt_state, path):
 def load_checkpoint_into(model, path, verbose=True):
     """Load an SD-format checkpoint strictly into `model` (a LatentDiffusion) and remember its fingerprint.
 
-    The file's tensors become the model's (assigned, not copied: a `.ckpt` or `.safetensors` is mapped, so its pages
-    are read only when used), cast to the model's dtype where the file holds another (e.g. fp16 weights into an
-    fp32 model). The model's own initial tensors are freed, so loading never holds two copies of the weights."""
+    The file's (mapped) tensors are assigned, not copied, cast to the model's dtype where the file holds another: the
+    model's initial tensors are freed, so loading never holds two copies of the weights."""
     ckpt_state = keys_from_sd(read_state_dict(path))
     model_state = model.state_dict()
     check_fits(model_state, ckpt_state, path)

@@ -60,12 +60,10 @@ def _wrap(text, font, width):
 def image_sheet(images, row_labels=None, col_labels=None, min_cell=256, value_range=(0, 1), ncols=None):
     """One PIL image: `images` in rows and columns, row labels in a strip on the left, column labels on top.
 
-    `images`: a list of rows (each a list of images, or a batch tensor (n, C, H, W)), or one flat list/batch cut into
-    rows of `ncols` (default: one row). Images are PIL images, uint8 arrays/tensors (H, W, C) or float tensors
-    (C, H, W) in `value_range`. Images smaller than `min_cell` pixels on their longer side are enlarged by a whole
-    factor with nearest-neighbour sampling, so that each generated pixel stays a sharp square. Labels may be None
-    (no strip); otherwise one per row / column.
-    """
+    `images`: a list of rows (each a list of images or a batch tensor), or one flat list/batch cut into rows of `ncols`
+    (default: one row); each image as `to_pil` takes it. Images under `min_cell` pixels on their longer side are
+    enlarged by a whole factor (nearest), so each generated pixel stays a sharp square. Labels: None, or one per row /
+    column."""
     rows = [[to_pil(im, value_range) for im in row] for row in _rows(images, ncols)]
     if not any(rows):
         raise ValueError("no images to put on the sheet")

@@ -37,9 +37,9 @@ def one_line_errors(debug=False, code=2):
     except (ValueError, OSError) as e:
         if debug:
             raise
-        if isinstance(e, OSError) and e.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):  # raised by a library's write
-            e = f"cannot write {e.filename or 'an output file'} ({e.strerror}); free disk space or raise the file-size " \
-                "limit (ulimit -f), or write elsewhere"
+        if isinstance(e, OSError) and e.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):  # a library's write
+            e = (f"cannot write {e.filename or 'an output file'} ({e.strerror}); free disk space or raise the "
+                 "file-size limit (ulimit -f), or write elsewhere")
         print(f"error: {e}", file=sys.stderr)
         sys.exit(code)
 

@@ -59,12 +59,11 @@ def run(args):
     check_output_dir(out.parent, "--out")
     resolve_device(args.device)
     ref_paths, gen_paths = list_images(args.ref_dir), list_images(args.gen_dir)
-    masks = [None, None]
+    masks = removed = [None, None]
     if args.ref_masks is not None:
-        masks = [clip_metrics.load_mask_folder(args.ref_masks, list(ref_paths)),
-                 clip_metrics.load_mask_folder(args.gen_masks, list(gen_paths))]
+        masks = [clip_metrics.load_mask_folder(folder, list(paths))
+                 for folder, paths in ((args.ref_masks, ref_paths), (args.gen_masks, gen_paths))]
     ref_images, gen_images = read_images(ref_paths), read_images(gen_paths)
-    removed = [None, None]
     if args.rm_mask:  # list_images skips these subfolders: the copies never mix with the images themselves
         removed = [read_images(list_images(os.path.join(folder, "rm_mask"))) for folder in (args.ref_dir, args.gen_dir)]
     clip = clip_metrics.load_clip(args.clip_model, args.clip_weights, args.device, args.quick_gelu)

@@ -27,7 +27,8 @@ METRICS = {
 def read_prompts(path):
     """Prompt templates, one per line (`{}` = the concept's word); blank lines and `#` comments skipped."""
     if not os.path.isfile(path):
-        raise ValueError(f"prompt file not found: {path}; pass --prompts with a file such as configs/prompts/objects.txt")
+        raise ValueError(f"prompt file not found: {path}; pass --prompts with a file such as "
+                         "configs/prompts/objects.txt")
     with open(path, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
@@ -40,7 +41,8 @@ def read_methods(path, names):
     presets = OmegaConf.to_container(OmegaConf.load(path)) or {}
     unknown = [n for n in names if n not in presets]
     if unknown:
-        raise ValueError(f"method {unknown[0]!r} is no preset in {path}; pick from {', '.join(presets)} or add it there")
+        raise ValueError(f"method {unknown[0]!r} is no preset in {path}; pick from {', '.join(presets)} or add it "
+                         "there")
     if len(set(names)) != len(names):
         raise ValueError(f"--methods names a method twice: {names}")
     return {n: {"label": presets[n].get("label", n), "config": presets[n]["config"],
@@ -93,14 +95,11 @@ def table(cells, methods, concepts):
     """{metric: {method: {"mean", "std", "per_concept": {concept: value}}}} over the concepts (population std)."""
     out = {}
     for metric in METRICS:
-        rows = {}
         for m in methods:
             values = {c: cells[m, c]["means"][metric] for c in concepts if metric in cells[m, c]["means"]}
             if values:
-                rows[m] = {"mean": statistics.mean(values.values()), "std": statistics.pstdev(values.values()),
-                           "per_concept": values}
-        if rows:
-            out[metric] = rows
+                out.setdefault(metric, {})[m] = {"mean": statistics.mean(values.values()),
+                                                 "std": statistics.pstdev(values.values()), "per_concept": values}
     return out
 
 
