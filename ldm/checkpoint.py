@@ -11,7 +11,7 @@ import torch
 
 from ldm.files import atomic_write
 from ldm.interop.diffusers_folder import unet_to_ldm, vae_to_ldm
-from ldm.weights import WeightsError, folder_files, parse_folder_path, read_folder, read_tensors
+from ldm.weights import WeightsError, folder_files, mismatch, parse_folder_path, read_folder, read_tensors
 
 TEXT_PREFIX = "cond_stage_model.transformer."
 TEXT_4X_PREFIX = TEXT_PREFIX + "text_model."
@@ -70,17 +70,10 @@ def check_fits(model_state, ckpt_state, path):
     if not any(k.startswith("model.diffusion_model.") for k in ckpt_state):
         raise CheckpointError(f"{path} has no `model.diffusion_model.*` keys, so it is not a Stable Diffusion v1.x "
                               "checkpoint")
-    missing = sorted(set(model_state) - set(ckpt_state))
-    unexpected = sorted(k for k in set(ckpt_state) - set(model_state) if not _KNOWN_EXTRAS.match(k))
-    parts = [f"{what} {', '.join(keys[:3])}" + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
-             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-    if parts:
-        raise CheckpointError(f"{path} does not match the model config: {'; '.join(parts)}; check --config / --base")
-    for k, v in model_state.items():
-        if v.shape != ckpt_state[k].shape:
-            raise CheckpointError(f"{path}: shape mismatch for {k}: checkpoint {tuple(ckpt_state[k].shape)}, model "
-                                  f"{tuple(v.shape)}; the checkpoint was made for another model size, check --config / "
-                                  "--base")
+    problem = mismatch(model_state, ckpt_state, _KNOWN_EXTRAS.match)
+    if problem:
+        raise CheckpointError(f"{path} does not match the model config: {problem}; the checkpoint was made for "
+                              "another model size or config, check --config / --base")
 
 
 def load_checkpoint_into(model, path, verbose=True):

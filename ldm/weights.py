@@ -77,6 +77,18 @@ def read_tensors(path, fix=None):
     return obj
 
 
+def mismatch(expected, found, ignore=lambda key: False):
+    """In words, what keeps state dict `found` from loading into a model whose state dict is `expected` ('' if it
+    fits): keys missing and unexpected (those `ignore` accepts aside), and the first tensor of another shape."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(k for k in found.keys() - expected.keys() if not ignore(k))
+    parts = [f"{what} {', '.join(keys[:3])}" + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
+             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    parts += [f"shape mismatch for {k}: checkpoint {tuple(found[k].shape)}, model {tuple(v.shape)}"
+              for k, v in expected.items() if k in found and v.shape != found[k].shape][:1]
+    return "; ".join(parts)
+
+
 def read_metadata(path):
     """The string metadata of a `.safetensors` file's header ({} if it has none)."""
     try:

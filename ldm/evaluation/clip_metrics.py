@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.images import list_images, load_grey
-from ldm.weights import read_tensors
+from ldm.weights import mismatch, read_tensors
 
 MASK_RULES = {
     "masks": "masks: outside the mask CLIP's mean grey, cropped to the mask's box, padded square (ours)",
@@ -51,16 +51,10 @@ def load_clip(model_name, weights_path, device="cpu", quick_gelu=True):
                                                                      pretrained_text=False)
     finally:
         logging.disable(logging.NOTSET)
-    expected = model.state_dict()
-    problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in (
-        ("missing keys", sorted(expected.keys() - found.keys())),
-        ("unexpected keys", sorted(found.keys() - expected.keys())),
-        ("keys of another shape", sorted(k for k in expected.keys() & found.keys()
-                                         if expected[k].shape != found[k].shape)),
-    ) if keys]
-    if problems:
-        raise ValueError(f"CLIP weights {weights_path} do not fit {model_name}: {', '.join(problems)}; pass the "
-                         f"weights of --clip_model {model_name} or the --clip_model they belong to")
+    problem = mismatch(model.state_dict(), found)
+    if problem:
+        raise ValueError(f"CLIP weights {weights_path} do not fit {model_name}: {problem}; pass the weights of "
+                         f"--clip_model {model_name} or the --clip_model they belong to")
     model.load_state_dict(found)
     device = torch.device(device)
     model = model.to(device).eval().requires_grad_(False)
