@@ -171,8 +171,9 @@ def score(opt, scorers, concept, prompts, images):
         from ldm.evaluation.clip_metrics import clip_scores
 
         texts = [row["prompt"].format(concept["word"]) for row in rows]
-        for row, clip_i, clip_t in zip(rows, *(s.tolist() for s in clip_scores(scorers["clip"], refs, gens, texts))):
-            row.update(clip_i=clip_i, clip_t=clip_t, clipscore=2.5 * max(clip_t, 0.0))
+        clip_i, clip_t = clip_scores(scorers["clip"], refs, gens, texts)
+        for row, image_i, image_t in zip(rows, clip_i.tolist(), clip_t.tolist()):
+            row.update(clip_i=image_i, clip_t=image_t, clipscore=2.5 * max(image_t, 0.0))
     if "dino" in scorers:
         from ldm.evaluation.dino import dino_scores
 
