@@ -124,12 +124,9 @@ def csv_text(rows, fields=None):
 def bar_chart(groups, series, errors=None, title="", ylabel="", ylim=None, fmt="%.3f"):
     """PNG bytes: one cluster of bars per group, one bar per series (`series`: {label: [one value per group]}),
     with error bars from `errors` ({label: [...]}) where given."""
-    # Figure + Agg canvas directly: no pyplot, so no global backend or figure state.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # a Figure alone, not pyplot: no global backend or figure state
 
     figure = Figure(figsize=(max(4.0, 0.9 * len(groups) * len(series) + 2), 3.8), dpi=100)
-    FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     width = 0.8 / len(series)
     for k, (label, values) in enumerate(series.items()):
