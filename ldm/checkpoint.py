@@ -1,9 +1,7 @@
 """The SD v1 checkpoint key layout (CompVis): checking a file against our model, loading it in, saving it out.
 
-Files are read by `ldm.weights` (`.ckpt`/`.safetensors`, or a diffusers folder whose names
-`ldm.interop.diffusers_folder` maps to ours). The text encoder's keys follow transformers 4.x
-(`...transformer.text_model.embeddings...`); transformers 5.x dropped the `text_model` level, so `keys_from_sd` and
-`keys_to_sd` map them on the way in and out: the one place that knows both spellings.
+SD checkpoints spell the text encoder's keys as transformers 4.x did (`...transformer.text_model.embeddings...`);
+5.x dropped the `text_model` level, so `keys_from_sd` and `keys_to_sd` are the one place that knows both spellings.
 """
 import hashlib
 import os
@@ -13,7 +11,7 @@ import torch
 
 from ldm.files import atomic_write
 from ldm.interop.diffusers_folder import unet_to_ldm, vae_to_ldm
-from ldm.weights import WeightsError, folder_files, parse_folder_path, read_folder, read_tensors
+from ldm.weights import WeightsError, folder_files, mismatch, parse_folder_path, read_folder, read_tensors
 
 TEXT_PREFIX = "cond_stage_model.transformer."
 TEXT_4X_PREFIX = TEXT_PREFIX + "text_model."
@@ -54,51 +52,35 @@ def check_exists(path):
 
 def keys_from_sd(state_dict):
     """SD-checkpoint keys (transformers 4.x spelling; 5.x passes through) to our model's keys."""
-    return {(TEXT_PREFIX + k[len(TEXT_4X_PREFIX):] if k.startswith(TEXT_4X_PREFIX) else k): v for k, v in state_dict.items()}
+    return {(TEXT_PREFIX + k[len(TEXT_4X_PREFIX):] if k.startswith(TEXT_4X_PREFIX) else k): v
+            for k, v in state_dict.items()}
 
 
 def keys_to_sd(state_dict):
-    """Our model's keys (or SD-spelled ones, left as they are) to the SD-checkpoint spelling that every other tool reads."""
+    """Our model's keys (SD-spelled ones are left as they are) to the SD-checkpoint spelling other tools read."""
     return {(TEXT_4X_PREFIX + k[len(TEXT_PREFIX):] if k.startswith(TEXT_PREFIX) else k): v
             for k, v in keys_from_sd(state_dict).items()}
 
 
-def _describe(keys, n=3):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
 def check_fits(model_state, ckpt_state, path):
     """Raise one clear CheckpointError unless `ckpt_state` has exactly the model's keys and shapes."""
-    if any(k.startswith("cond_stage_model.model.") for k in ckpt_state) or any(k.startswith("conditioner.") for k in ckpt_state):
-        raise CheckpointError(
-            f"{path} is an SD 2.x/SDXL checkpoint (OpenCLIP text encoder); this project needs SD v1.x, e.g. v1-5-pruned-emaonly.ckpt"
-        )
+    if any(k.startswith(("cond_stage_model.model.", "conditioner.")) for k in ckpt_state):
+        raise CheckpointError(f"{path} is an SD 2.x/SDXL checkpoint (OpenCLIP text encoder); this project needs SD "
+                              "v1.x, e.g. v1-5-pruned-emaonly.ckpt")
     if not any(k.startswith("model.diffusion_model.") for k in ckpt_state):
-        raise CheckpointError(f"{path} has no `model.diffusion_model.*` keys, so it is not a Stable Diffusion v1.x checkpoint")
-    missing = set(model_state) - set(ckpt_state)
-    unexpected = {k for k in set(ckpt_state) - set(model_state) if not _KNOWN_EXTRAS.match(k)}
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_describe(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_describe(unexpected)}")
-        raise CheckpointError(f"{path} does not match the model config: {'; '.join(parts)}; check --config / --base")
-    for k, v in model_state.items():
-        if tuple(v.shape) != tuple(ckpt_state[k].shape):
-            raise CheckpointError(
-                f"{path}: shape mismatch for {k}: checkpoint {tuple(ckpt_state[k].shape)}, model {tuple(v.shape)}; "
-                "the checkpoint was made for another model size, check --config / --base"
-            )
+        raise CheckpointError(f"{path} has no `model.diffusion_model.*` keys, so it is not a Stable Diffusion v1.x "
+                              "checkpoint")
+    problem = mismatch(model_state, ckpt_state, _KNOWN_EXTRAS.match)
+    if problem:
+        raise CheckpointError(f"{path} does not match the model config: {problem}; the checkpoint was made for "
+                              "another model size or config, check --config / --base")
 
 
 def load_checkpoint_into(model, path, verbose=True):
     """Load an SD-format checkpoint strictly into `model` (a LatentDiffusion) and remember its fingerprint.
 
-    The file's tensors become the model's (assigned, not copied: a `.ckpt` or `.safetensors` is mapped, so its pages
-    are read only when used), cast to the model's dtype where the file holds another (e.g. fp16 weights into an
-    fp32 model). The model's own initial tensors are freed, so loading never holds two copies of the weights."""
+    The file's (mapped) tensors are assigned, not copied, cast to the model's dtype where the file holds another: the
+    model's initial tensors are freed, so loading never holds two copies of the weights."""
     ckpt_state = keys_from_sd(read_state_dict(path))
     model_state = model.state_dict()
     check_fits(model_state, ckpt_state, path)
@@ -114,9 +96,7 @@ def save_checkpoint(model, path, dtype=None, extra=None):
     path = os.fspath(path)
     state = keys_to_sd({k: v.detach().cpu().to(dtype) if dtype and v.is_floating_point() else v.detach().cpu()
                         for k, v in model.state_dict().items()})
-    state.update(extra or {})
-    state = {k: v.contiguous() for k, v in state.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    state = {k: v.contiguous() for k, v in {**state, **(extra or {})}.items()}
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
 

@@ -9,25 +9,24 @@ _WRITE_FAILED = re.compile(r"unexpected pos|file write failed|I/O error|os error
 
 
 def _umask():
-    """The process's umask, read without changing it where the OS allows (setting it is process-wide, racing threads)."""
+    """The process's umask, read without changing it where the OS allows (setting it is process-wide: racing threads
+    could create files with the wrong mode)."""
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, ValueError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def atomic_write(path, write):
-    """Call `write(tmp)` on a temporary name beside `path`, then rename it over `path`: nobody ever sees half a file,
-    and a failure leaves nothing behind. The file gets the mode a plain `open()` would give it (0o666 minus the
-    umask), whatever mode the temporary file was made with (mkstemp makes 0o600)."""
+    """Call `write(tmp)` on a temporary name beside `path` (folders made), then rename it over `path`: nobody ever
+    sees half a file, and a failure leaves nothing behind. The file gets the mode a plain `open()` would give it
+    (0o666 minus the umask), whatever mode the temporary file was made with (mkstemp makes 0o600)."""
     path = os.fspath(path)
     folder, base = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:

@@ -1,9 +1,8 @@
 """The one image reader: training and evaluation list the same files and read the same pixels from them.
 
-Any PIL mode ends up as 8-bit RGB: upright by its EXIF orientation, transparent areas white (RGBA, LA, PA and
-palettes with a transparent colour are composited on white, as a viewer shows them on a page, rather than black
-or whatever colour the hidden pixels hold), 16-bit grey scaled to 8 bits (/257, rounded) rather than clipped to
-white by PIL, CMYK and grey converted.
+Any PIL mode ends up as 8-bit RGB: upright by its EXIF orientation, transparent areas composited on white (as a
+viewer shows them on a page, not black or whatever the hidden pixels hold), 16-bit grey scaled to 8 bits (/257,
+rounded) rather than clipped to white by PIL, CMYK and grey converted.
 """
 import os
 
@@ -41,29 +40,26 @@ def list_images(folder):
 
 def load_rgb(path):
     """The image at `path` as 8-bit RGB (see the module docstring); an UnreadableImage if PIL cannot read it."""
-    return _read(path, _to_rgb)
+    return _read(path, "RGB")
 
 
 def load_grey(path):
     """The image at `path` as 8-bit grey ("L"), upright and 16-bit scaled like `load_rgb`, its alpha ignored (masks)."""
-    return _read(path, lambda im: im.convert("L"))
+    return _read(path, "L")
 
 
-def _to_rgb(im):
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
-    return im.convert("RGB")
-
-
-def _read(path, convert):
+def _read(path, mode):
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I", "I;16", "I;16B", "I;16L"):
                 im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
-            return convert(im)
+            if mode == "RGB" and (im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)):
+                im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+            return im.convert(mode)
     except Image.DecompressionBombError as err:  # over PIL's 179-megapixel limit
         raise UnreadableImage(f"{path} is too large to open safely ({err}); downscale it", type(err).__name__) from None
     except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for corrupt, truncated or unknown files
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise UnreadableImage(f"cannot read image {path} ({reason}); replace or remove the file", type(err).__name__) from None
+        raise UnreadableImage(f"cannot read image {path} ({reason}); replace or remove the file",
+                              type(err).__name__) from None

@@ -3,21 +3,22 @@ images enlarged, each row and column labelled)."""
 import csv
 import io
 import math
-import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ldm.util import atomic_write
+from ldm.files import atomic_write
 
 GAP = 4  # white pixels between cells, and between the label strips and the cells
 MARGIN = 4  # white pixels around the label text
 
 
 def to_pil(image, value_range=(0, 1)):
-    """A PIL RGB image from a PIL image, a uint8 array/tensor (H, W[, C]) or a float tensor (C, H, W) in `value_range`."""
+    """A PIL RGB image from a PIL image, a uint8 array/tensor (H, W[, C]) or a float tensor (C, H, W) in
+    `value_range`."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
@@ -29,113 +30,78 @@ def to_pil(image, value_range=(0, 1)):
         image = image.numpy()
     image = np.asarray(image)
     if image.dtype != np.uint8:
-        raise ValueError(f"cannot draw an image of dtype {image.dtype}; pass uint8 (H, W, C) or a float tensor (C, H, W)")
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    return Image.fromarray(image).convert("RGB")
+        raise ValueError(f"cannot draw an image of dtype {image.dtype}; pass uint8 (H, W, C) or a float tensor "
+                         "(C, H, W)")
+    return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).convert("RGB")
 
 
-def _rows(images, row_labels, col_labels, ncols):
-    """`images` as a list of rows; a flat list or batch is cut into rows of `ncols`."""
+def _rows(images, ncols):
+    """`images` as a list of rows; a flat list or batch is cut into rows of `ncols` (default: one row)."""
     if isinstance(images, (list, tuple)) and images and all(
             isinstance(r, (list, tuple)) or (isinstance(r, torch.Tensor) and r.ndim == 4) for r in images):
         return [list(r) for r in images]
     images = list(images)
-    if ncols is None:
-        ncols = (len(col_labels) if col_labels else math.ceil(len(images) / len(row_labels)) if row_labels
-                 else max(1, math.ceil(math.sqrt(len(images)))))
+    ncols = ncols or max(1, len(images))
     return [images[i:i + ncols] for i in range(0, len(images), ncols)]
 
 
-def _font(cell):
-    # Text about 1/20 of a cell: legible on a 256 px cell, not shouting on a 512 px one.
-    return ImageFont.load_default(size=max(11, cell // 20))
-
-
-def _wrap(draw, text, font, width):
-    """`text` broken into lines no wider than `width` pixels (at spaces; a too-long word is cut)."""
+def _wrap(text, font, width):
+    """`text` in the longest lines (broken at spaces, a too-long word cut) that are no wider than `width` pixels."""
     lines = []
     for paragraph in str(text).split("\n"):
-        line = ""
-        for word in paragraph.split(" "):
-            candidate = f"{line} {word}" if line else word
-            if draw.textlength(candidate, font=font) <= width or not line:
-                line = candidate
-            else:
-                lines.append(line)
-                line = word
-            while draw.textlength(line, font=font) > width and len(line) > 1:  # one word wider than the cell
-                cut = len(line)
-                while cut > 1 and draw.textlength(line[:cut], font=font) > width:
-                    cut -= 1
-                lines.append(line[:cut])
-                line = line[cut:]
-        lines.append(line)
+        for chars in range(max(len(paragraph), 1), 0, -1):
+            wrapped = textwrap.wrap(paragraph, chars) or [""]
+            if all(font.getlength(line) <= width for line in wrapped):
+                break
+        lines += wrapped
     return lines
 
 
 def image_sheet(images, row_labels=None, col_labels=None, min_cell=256, value_range=(0, 1), ncols=None):
     """One PIL image: `images` in rows and columns, row labels in a strip on the left, column labels on top.
 
-    `images`: a list of rows (each a list of images, or a batch tensor (n, C, H, W)), or one flat list/batch cut into
-    rows of `ncols` (default: as many as there are column labels). Images are PIL images, uint8 arrays/tensors
-    (H, W, C) or float tensors (C, H, W) in `value_range`. Images smaller than `min_cell` pixels on their longer side
-    are enlarged by a whole factor with nearest-neighbour sampling, so that each generated pixel stays a sharp square.
-    Labels may be None (no strip); otherwise one per row / column.
-    """
-    rows = [[to_pil(im, value_range) for im in row] for row in _rows(images, row_labels, col_labels, ncols)]
-    if not rows or not any(rows):
+    `images`: a list of rows (each a list of images or a batch tensor), or one flat list/batch cut into rows of `ncols`
+    (default: one row); each image as `to_pil` takes it. Images under `min_cell` pixels on their longer side are
+    enlarged by a whole factor (nearest), so each generated pixel stays a sharp square. Labels: None, or one per row /
+    column."""
+    rows = [[to_pil(im, value_range) for im in row] for row in _rows(images, ncols)]
+    if not any(rows):
         raise ValueError("no images to put on the sheet")
     n_cols = max(len(r) for r in rows)
-    if row_labels is not None and len(row_labels) != len(rows):
-        raise ValueError(f"{len(row_labels)} row labels for {len(rows)} rows of images; pass one label per row")
-    if col_labels is not None and len(col_labels) != n_cols:
-        raise ValueError(f"{len(col_labels)} column labels for {n_cols} columns of images; pass one label per column")
-    w = max(im.width for r in rows for im in r)
-    h = max(im.height for r in rows for im in r)
-    scale = max(1, math.ceil(min_cell / max(w, h)))
-    cw, ch = w * scale, h * scale
+    for labels, count, what in ((row_labels, len(rows), "row"), (col_labels, n_cols, "column")):
+        if labels is not None and len(labels) != count:
+            raise ValueError(f"{len(labels)} {what} labels for {count} {what}s of images; pass one label per {what}")
+    scale = max(1, math.ceil(min_cell / max(max(im.size) for r in rows for im in r)))
+    cw, ch = (scale * max(im.size[axis] for r in rows for im in r) for axis in (0, 1))
 
-    font = _font(min(cw, ch))
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    ascent, descent = font.getmetrics()
-    line_h = ascent + descent
-    col_lines = [_wrap(measure, t, font, cw - 2 * MARGIN) for t in col_labels] if col_labels is not None else None
-    top = max(len(lines) for lines in col_lines) * line_h + 2 * MARGIN + GAP if col_lines else 0
-    row_lines = None
-    left = 0
-    if row_labels is not None:
-        room = max(cw // 2, 96)  # a row label takes at most half a cell's width, wrapped
-        row_lines = [_wrap(measure, t, font, room) for t in row_labels]
-        widest = max(measure.textlength(line, font=font) for lines in row_lines for line in lines)
-        left = math.ceil(widest) + 2 * MARGIN + GAP
+    font = ImageFont.load_default(size=max(11, min(cw, ch) // 20))  # legible on a 256 px cell, not shouting on 512 px
+    line_h = sum(font.getmetrics())
+    col_lines = [_wrap(t, font, cw - 2 * MARGIN) for t in col_labels or []]
+    top = max(map(len, col_lines)) * line_h + 2 * MARGIN + GAP if col_lines else 0
+    row_lines = [_wrap(t, font, max(cw // 2, 96)) for t in row_labels or []]  # at most half a cell's width
+    widest = max((font.getlength(s) for lines in row_lines for s in lines), default=None)
+    left = 0 if widest is None else math.ceil(widest) + 2 * MARGIN + GAP
 
-    sheet = Image.new("RGB", (left + n_cols * cw + (n_cols - 1) * GAP, top + len(rows) * ch + (len(rows) - 1) * GAP),
-                      "white")
+    sheet = Image.new("RGB", (left + n_cols * (cw + GAP) - GAP, top + len(rows) * (ch + GAP) - GAP), "white")
     draw = ImageDraw.Draw(sheet)
-    for j, lines in enumerate(col_lines or []):
-        x = left + j * (cw + GAP)
+    for j, lines in enumerate(col_lines):
         for k, line in enumerate(lines):
-            x0 = x + (cw - measure.textlength(line, font=font)) / 2
-            draw.text((x0, MARGIN + k * line_h), line, fill="black", font=font)
+            x = left + j * (cw + GAP) + (cw - font.getlength(line)) / 2
+            draw.text((x, MARGIN + k * line_h), line, fill="black", font=font)
     for i, row in enumerate(rows):
         y = top + i * (ch + GAP)
-        if row_lines is not None:
-            lines = row_lines[i]
-            y0 = y + (ch - len(lines) * line_h) / 2
-            for k, line in enumerate(lines):
-                draw.text((MARGIN, y0 + k * line_h), line, fill="black", font=font)
+        lines = row_lines[i] if row_lines else []
+        for k, line in enumerate(lines):
+            draw.text((MARGIN, y + (ch - len(lines) * line_h) / 2 + k * line_h), line, fill="black", font=font)
         for j, im in enumerate(row):
-            im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) if scale > 1 else im
-            x = left + j * (cw + GAP)
-            sheet.paste(im, (x + (cw - im.width) // 2, y + (ch - im.height) // 2))
+            im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+            sheet.paste(im, (left + j * (cw + GAP) + (cw - im.width) // 2, y + (ch - im.height) // 2))
     return sheet
 
 
 def save_sheet(path, images, row_labels=None, col_labels=None, **options):
     """`image_sheet(...)` written to `path` as PNG (atomically, folders made); returns the sheet."""
     sheet = image_sheet(images, row_labels, col_labels, **options)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
     return sheet
 
@@ -158,12 +124,9 @@ def csv_text(rows, fields=None):
 def bar_chart(groups, series, errors=None, title="", ylabel="", ylim=None, fmt="%.3f"):
     """PNG bytes: one cluster of bars per group, one bar per series (`series`: {label: [one value per group]}),
     with error bars from `errors` ({label: [...]}) where given."""
-    # Figure + Agg canvas directly: no pyplot, so no global backend or figure state.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # a Figure alone, not pyplot: no global backend or figure state
 
     figure = Figure(figsize=(max(4.0, 0.9 * len(groups) * len(series) + 2), 3.8), dpi=100)
-    FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     width = 0.8 / len(series)
     for k, (label, values) in enumerate(series.items()):
@@ -188,6 +151,5 @@ def write_files(files):
     """Write {path: str or bytes}, each atomically (folders made). Render everything first, then call this, so that
     a failure while rendering leaves no file of the set behind."""
     for path, data in files.items():
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         data = data.encode() if isinstance(data, str) else data
         atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))

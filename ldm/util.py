@@ -28,8 +28,8 @@ def load_model_from_config(config, ckpt_path=None, device="cpu", verbose=True):
 @contextmanager
 def one_line_errors(debug=False, code=2):
     """The CLIs' convention: bad input (ValueError, OSError) ends as one `error: ...` line on stderr and exit code
-    `code`, with no traceback unless --debug asked for it. A file-size limit (ulimit -f) reached makes a write fail
-    with an OSError (EFBIG) to report, rather than killing the process with SIGXFSZ and a half-written file."""
+    `code`, with no traceback unless --debug asked for it. SIGXFSZ is ignored, so that a file-size limit (ulimit -f)
+    fails a write with an OSError to report instead of killing the process, leaving a half-written file."""
     if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
@@ -37,24 +37,20 @@ def one_line_errors(debug=False, code=2):
     except (ValueError, OSError) as e:
         if debug:
             raise
-        if isinstance(e, OSError) and e.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):  # raised by a library's write
-            e = f"cannot write {e.filename or 'an output file'} ({e.strerror}); free disk space or raise the file-size " \
-                "limit (ulimit -f), or write elsewhere"
+        if isinstance(e, OSError) and e.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):  # a library's write
+            e = (f"cannot write {e.filename or 'an output file'} ({e.strerror}); free disk space or raise the "
+                 "file-size limit (ulimit -f), or write elsewhere")
         print(f"error: {e}", file=sys.stderr)
         sys.exit(code)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every CLI's --help: each flag shows its default (unless it is "not given", None, False or empty, or its help
-    speaks of it), and the description and epilog (usually the script's docstring) keep their paragraphs.
-
-    argparse either re-wraps all text into one paragraph (the default) or prints it as written (RawDescription...),
-    which runs long lines past a narrow terminal. Here a paragraph with an indented line (a command, a list of
-    files) stays as written; the other paragraphs are re-wrapped to the terminal's width."""
+    """Every CLI's --help: each flag shows its default (unless it is None, False or empty, or its help speaks of it).
+    A description or epilog paragraph with an indented line (a command, a list of files) stays as written; the others
+    are re-wrapped to the terminal's width (argparse re-wraps all text into one paragraph, or wraps none)."""
 
     def _get_help_string(self, action):
-        not_given = action.default is None or action.default is False or (
-            isinstance(action.default, (str, list)) and not action.default)
+        not_given = action.default is None or action.default is False or action.default in ("", [])
         if not_given or re.search(r"\bdefault\b", action.help or ""):  # the help says it already
             return action.help
         return super()._get_help_string(action)

@@ -1,15 +1,7 @@
 """The one reader of every weights file we load: pickles (.ckpt/.pt/.bin), .safetensors, diffusers folders.
 
 Pickles are only ever opened with `weights_only=True`: a file from a stranger must not be able to run code. What
-cannot be read ends in one `WeightsError` line: the pickle-refusal message or the corrupt-file message, each
-naming the fix (a caller may pass its own fix, or wrap the message into its context).
-
-A diffusers folder (`unet/`, `vae/`, `text_encoder/`) is read here file by file, as tensors under diffusers' own
-names; `ldm.interop.diffusers_folder` maps those names to ours. Accepted inside each component folder, in this
-order of preference: `diffusion_pytorch_model[.<variant>]`, `model[.<variant>]` or `pytorch_model[.<variant>]`,
-as `.safetensors` or `.bin`, single or sharded (with the `.index[.<variant>].json` that diffusers and transformers
-write). A variant is chosen with `folder:variant` (e.g. `models/sd-v1-5:fp16`); without one the plain files are
-used, or the only variant present.
+cannot be read ends in one `WeightsError` line naming the fix: the pickle-refusal or the corrupt-file message.
 """
 import json
 import os
@@ -18,15 +10,15 @@ import re
 import zipfile
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 _BASE_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
 _EXTENSIONS = ("safetensors", "bin")
 # `<base>.<variant>.<ext>` or a sharded variant's `<base>.<ext>.index.<variant>.json`
-_VARIANT_FILE = re.compile(
-    r"(?:diffusion_pytorch_model|model|pytorch_model)"
-    r"(?:\.(\w+)\.(?:safetensors|bin)|\.(?:safetensors|bin)\.index\.(\w+)\.json)"
-)
+_VARIANT_FILE = re.compile(rf"(?:{'|'.join(_BASE_NAMES)})"
+                           r"(?:\.(\w+)\.(?:safetensors|bin)|\.(?:safetensors|bin)\.index\.(\w+)\.json)")
 _LAYOUT_HINT = ("a diffusers SD v1 folder holds unet/, vae/ and text_encoder/, each with "
                 "diffusion_pytorch_model.safetensors (or .bin, model.safetensors, pytorch_model.bin)")
 
@@ -37,10 +29,9 @@ class WeightsError(ValueError):
 
 def load(path, fix=None, allow=(), finite=True):
     """The object stored in a weights file, opened without running code: a `.safetensors` file's tensors, or a
-    pickle's contents, unpickled with `weights_only=True` (and memory-mapped when it is a zip, as torch writes
-    them). `allow` names further classes the unpickler may build (e.g. the reference's nn.ParameterDict); `fix`
-    replaces the fix the two error messages suggest. With `finite` (the default) every floating tensor must be
-    finite (`check_finite`); a caller whose file also holds bookkeeping checks the weights itself."""
+    pickle's contents (memory-mapped when it is a zip, as torch writes them). `allow` names further classes the
+    unpickler may build (e.g. the reference's nn.ParameterDict); `fix` replaces the fix the error messages suggest.
+    With `finite`, every floating tensor must be finite; a caller whose file also holds bookkeeping checks itself."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsError(f"weights file not found: {path}; pass the path of an existing file")
@@ -60,12 +51,11 @@ def load(path, fix=None, allow=(), finite=True):
 def check_finite(obj, path, name=""):
     """Refuse NaN or infinity in any floating tensor of `obj` (dicts and lists are walked), naming the tensor.
 
-    Loaded numbers are trusted from here on: a NaN in a base model or an adapter turns into black images or a NaN
-    loss far from its cause. The check reads every byte once (a multi-GB checkpoint is read anyway when the model
-    moves to its device); measured on SD v1.5's 4.1 GB of fp32 weights, pages already read: 1.0 s on this project's
-    2-core machine (the first read of the file from disk costs what the load costs anyway)."""
+    A NaN in a base model or an adapter turns into black images or a NaN loss far from its cause. The check reads
+    every byte once: 1.0 s for SD v1.5's 4.1 GB of fp32 weights on this project's 2-core machine, pages read."""
     if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() and obj.numel() and not _finite(obj):
+        # min and max propagate NaN and infinity: one reduction pass, several times faster than isfinite(t).all()
+        if obj.is_floating_point() and obj.numel() and not torch.isfinite(torch.stack(torch.aminmax(obj))).all():
             kind = "NaN" if bool(torch.isnan(obj).any()) else "infinite values"
             raise WeightsError(f"{path}: tensor {name or '(the file)'} holds {kind}; the file is damaged or was saved "
                                "from a run that diverged, use another copy")
@@ -75,12 +65,6 @@ def check_finite(obj, path, name=""):
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
             check_finite(value, path, f"{name}[{i}]")
-
-
-def _finite(t):
-    # min and max propagate NaN and infinity: one reduction pass, several times faster than isfinite(t).all()
-    low, high = torch.aminmax(t)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def read_tensors(path, fix=None):
@@ -93,10 +77,20 @@ def read_tensors(path, fix=None):
     return obj
 
 
+def mismatch(expected, found, ignore=lambda key: False):
+    """In words, what keeps state dict `found` from loading into a model whose state dict is `expected` ('' if it
+    fits): keys missing and unexpected (those `ignore` accepts aside), and the first tensor of another shape."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(k for k in found.keys() - expected.keys() if not ignore(k))
+    parts = [f"{what} {', '.join(keys[:3])}" + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
+             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    parts += [f"shape mismatch for {k}: checkpoint {tuple(found[k].shape)}, model {tuple(v.shape)}"
+              for k, v in expected.items() if k in found and v.shape != found[k].shape][:1]
+    return "; ".join(parts)
+
+
 def read_metadata(path):
     """The string metadata of a `.safetensors` file's header ({} if it has none)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             return f.metadata() or {}
@@ -105,16 +99,23 @@ def read_metadata(path):
 
 
 def _unreadable(path, err, fix=None):
-    """The one pickle-refusal message, or else the one corrupt-file message, for `err` raised reading `path`."""
-    wanted = _refused_pickle_reason(err)
-    if wanted:
+    """The one pickle-refusal message, or else the one corrupt-file message, for `err` raised reading `path`.
+
+    torch's refusal spans a dozen lines with terminal colour codes; the line that matters is `Unsupported global:
+    GLOBAL io.open ...` (or, for modules torch blocks outright, `Trying to load unsupported GLOBAL posix.system`).
+    Garbage bytes fail differently (`Unsupported operand ...`)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = isinstance(err, pickle.UnpicklingError) and re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text)
+    if found:
         return WeightsError(f"{path} holds pickled Python objects beyond tensors, which are refused because unpickling "
-                            f"them could run code ({wanted}); {fix or 'convert it to .safetensors with a tool you trust'}")
-    return WeightsError(f"{path} is corrupt or truncated ({type(err).__name__}: {_brief_error(err)}); "
-                        f"{fix or 'download it again'}")
+                            f"them could run code (it would call {found.group(1)}); "
+                            f"{fix or 'convert it to .safetensors with a tool you trust'}")
+    # the gist on one line: for torch's refusals, the unpickler's own complaint rather than the preamble
+    lines = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[-1].splitlines() if line.strip()]
+    gist = re.split(r"(?<=\.)\s", lines[0])[0][:120] if lines else "no detail"
+    return WeightsError(f"{path} is corrupt or truncated ({type(err).__name__}: {gist}); {fix or 'download it again'}")
 
 
-# safetensors' dtype names.
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                        "BOOL": torch.bool}
@@ -123,13 +124,9 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 def read_safetensors(path):
     """The tensors of a `.safetensors` file as views of one private, lazily read mapping of it: nothing is copied.
 
-    safetensors' own `load_file` copies every tensor out of its mapping, so a 4 GB file briefly holds 8 GB of the
-    process's memory; here a page is read from disk only when its tensor is used (moving the model to a GPU reads
-    each once). The library still reads and checks the header; only the mapping is ours. A file whose layout we
-    cannot map (an unknown dtype, an unaligned tensor) is read by the library instead."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    safetensors' own `load_file` copies every tensor out of its mapping, so a 4 GB file briefly holds 8 GB; here a
+    page is read only when its tensor is used. The library still checks the header. A file whose layout we cannot
+    map (an unknown dtype, an unaligned tensor) is read by the library instead."""
     with safe_open(path, framework="pt", device="cpu") as f:  # validates the header: offsets, sizes, dtypes
         keys = list(f.keys())
     with open(path, "rb") as f:
@@ -147,28 +144,10 @@ def read_safetensors(path):
     return out
 
 
-def _refused_pickle_reason(err):
-    """If `err` is `torch.load(weights_only=True)` refusing a pickle that would call code: what it would call; else None.
-
-    torch's message spans a dozen lines with terminal colour codes; the line that matters is
-    `Unsupported global: GLOBAL io.open ...` (or, for modules torch blocks outright, `Trying to load unsupported
-    GLOBAL posix.system ...`). Garbage bytes fail differently (`Unsupported operand ...`)."""
-    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
-    return f"it would call {found.group(1)}" if found else None
-
-
-def _brief_error(err, limit=120):
-    """The gist of an exception's message on one line, without colour codes (for torch's weights-only refusals, the
-    unpickler's own complaint rather than the preamble about torch versions)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    text = text.split("WeightsUnpickler error:", 1)[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return "no detail"
-    return re.split(r"(?<=\.)\s", lines[0])[0][:limit]
-
-
-# --- diffusers folders -----------------------------------------------------------------------------------------------
+# --- diffusers folders: read file by file, as tensors under diffusers' own names (ldm.interop.diffusers_folder maps
+# them to ours). In each component folder, in this order of preference: diffusion_pytorch_model, model or
+# pytorch_model [.<variant>], as .safetensors or .bin, single or sharded (with the .index[.<variant>].json that
+# diffusers and transformers write). `folder:variant` chooses a variant; else the plain files, or the only variant.
 def parse_folder_path(path):
     """`(folder, variant)` if `path` names a folder (`dir`, or `dir:variant` such as `sd-v1-5:fp16`), else None."""
     path = os.fspath(path)
@@ -194,13 +173,8 @@ def folder_files(path):
 
 def read_folder(path):
     """{component: its tensors under diffusers' names}, fp16/bf16 weights converted to fp32."""
-    out = {}
-    for component, files in folder_files(path).items():
-        tensors = {}
-        for f in files:
-            tensors.update(read_tensors(f))
-        out[component] = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    return out
+    return {component: {k: v.float() if v.is_floating_point() else v for f in files for k, v in read_tensors(f).items()}
+            for component, files in folder_files(path).items()}
 
 
 def _component_files(folder, component, variant):
@@ -208,15 +182,12 @@ def _component_files(folder, component, variant):
     if not os.path.isdir(sub):
         raise WeightsError(f"diffusers folder {folder} has no {component}/; {_LAYOUT_HINT}")
     names = set(os.listdir(sub))
-    if variant is None:
-        plain = _find_weights(sub, names, None)
-        if plain:
-            return plain
+    if variant is None and not _find_weights(sub, names, None):
         variants = sorted({m[1] or m[2] for n in names if (m := _VARIANT_FILE.fullmatch(n))})
         if len(variants) > 1:
             raise WeightsError(f"{sub} holds only variant weights ({', '.join(variants)}); "
                                f"choose one by passing {folder}:{variants[0]}")
-        variant = variants[0] if variants else None
+        variant = (variants or [None])[0]
     found = _find_weights(sub, names, variant)
     if not found:
         what = f"no {variant} weights" if variant else "no weights"

@@ -10,10 +10,10 @@ at fixed seeds, every image scored, one table.
 Each method (a preset of configs/compare/methods.yaml) trains once over all concepts that it has not learned yet.
 Then, per method and concept (a cell), every prompt is sampled with seeds --seed .. --seed + n_images - 1 and scored:
 DINO, CLIP-I (mean over all reference x generated pairs), CLIP-T (the prompt with the class word, no placeholder)
-as raw cosine and as CLIPScore, their geometric mean; in the toy world the toy metrics. Writes <out>/results.{json,csv,md,png},
-one sample sheet per concept (<out>/sheets/, rows: methods, columns: prompts), the cells (<out>/cells/), images
-(<out>/samples/), adapters (<out>/adapters/) and training runs (<out>/runs/). Run it again to continue where it
-stopped, or with more methods or concepts: only the missing cells are computed.
+as raw cosine and as CLIPScore, their geometric mean; in the toy world the toy metrics. Writes
+<out>/results.{json,csv,md,png}, one sample sheet per concept (<out>/sheets/, rows: methods, columns: prompts), the
+cells (<out>/cells/), images (<out>/samples/), adapters (<out>/adapters/) and training runs (<out>/runs/). Run it
+again to continue where it stopped, or with more methods or concepts: only the missing cells are computed.
 """
 import argparse
 import os
@@ -37,7 +37,8 @@ def get_parser():
     p.add_argument("--out", default="outputs/compare", help="folder of the comparison")
     p.add_argument("--toy", action="store_true", help="the toy world: its model, configs, prompts and metrics")
     p.add_argument("--ckpt_path", default=None, help="base model (default: models/sd/v1-5.ckpt; toy: the toy model)")
-    p.add_argument("--configs", default=None, help="config folder of the base model (default: configs/stable-diffusion)")
+    p.add_argument("--configs", default=None,
+                   help="config folder of the base model (default: configs/stable-diffusion; toy: configs/toy)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's; toy: 800)")
     p.add_argument("--n_images", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=42, help="first sampling seed; training uses main.py's --seed 23")
@@ -86,8 +87,7 @@ def prepare(opt):
 
 
 def train(opt, name, method, concepts, seed=23):
-    """Train `method` on the concepts it has not learned yet (one run, main.py's `--seed`); returns {concept: adapter
-    folder}."""
+    """Train `method` on the concepts it has not learned yet; returns {concept: adapter folder}."""
     from omegaconf import OmegaConf
 
     from ldm.cli import train as main
@@ -147,7 +147,6 @@ def sample(opt, name, adapter, concept, prompts, device):
             cond = model.get_learned_conditioning([template.format(placeholder or concept["word"])])
             side = 8 * model.image_size
             image = sampling.sample_images(model, cond, uc, seed, side, side, opt.ddim_steps, opt.scale, progress=False)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             sampling.save_image(sampling.to_uint8(image)[0], path)
     return images
 
@@ -159,6 +158,7 @@ def score(opt, scorers, concept, prompts, images):
     from ldm.images import list_images, load_rgb
 
     gens = [load_rgb(p) for _, _, p in images]
+    refs = [load_rgb(p) for p in list_images(concept["root"]).values()]
     rows = [{"prompt": prompts[i], "seed": s, "image": os.path.relpath(p, opt.out)} for i, s, p in images]
     if opt.toy:
         from ldm.toy.metrics import fidelity, parse_prompt, read_scenes
@@ -167,23 +167,18 @@ def score(opt, scorers, concept, prompts, images):
         for row, scene in zip(rows, read_scenes((torch.from_numpy(to_model_range(gens)) + 1) / 2)):
             row["toy_fidelity"] = fidelity(scene, concept["stripes"])
             row["toy_editability"] = float(scene["background"] == parse_prompt(row["prompt"])["background"])
-    refs = [load_rgb(p) for p in list_images(concept["root"]).values()]
     if "clip" in scorers:
-        from ldm.evaluation.clip_metrics import encode_images, encode_text
+        from ldm.evaluation.clip_metrics import clip_scores
 
-        clip = scorers["clip"]
-        gen_f, ref_f = encode_images(clip, gens), encode_images(clip, refs)
-        texts = {t: encode_text(clip, t.format(concept["word"])) for t in set(prompts)}
-        for row, g in zip(rows, gen_f):
-            row["clip_i"] = (ref_f @ g).mean().item()
-            row["clip_t"] = (texts[row["prompt"]] @ g).item()
-            row["clipscore"] = 2.5 * max(row["clip_t"], 0.0)
+        texts = [row["prompt"].format(concept["word"]) for row in rows]
+        clip_i, clip_t = clip_scores(scorers["clip"], refs, gens, texts)
+        for row, image_i, image_t in zip(rows, clip_i.tolist(), clip_t.tolist()):
+            row.update(clip_i=image_i, clip_t=image_t, clipscore=2.5 * max(image_t, 0.0))
     if "dino" in scorers:
-        from ldm.evaluation.dino import features
+        from ldm.evaluation.dino import dino_scores
 
-        ref_f = features(scorers["dino"], refs)
-        for row, g in zip(rows, features(scorers["dino"], gens)):
-            row["dino"] = (ref_f @ g).mean().item()
+        for row, value in zip(rows, dino_scores(scorers["dino"], refs, gens).tolist()):
+            row["dino"] = value
     return rows
 
 
@@ -198,45 +193,42 @@ def run(opt):
     concepts, methods, prompts = prepare(opt)
     device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scorers = {}
-    if opt.clip_weights:
+    if opt.clip_weights:  # imported only when asked for: the toy world needs neither
         from ldm.evaluation.clip_metrics import load_clip
         scorers["clip"] = load_clip(opt.clip_model, opt.clip_weights, device)
     if opt.dino_weights:
         from ldm.evaluation.dino import load_dino
         scorers["dino"] = load_dino(opt.dino_weights, device)
-    cells, computed = {}, 0
+    cells = {(name, c): comparison.read_cell(opt.out, name, c) for name in methods for c in concepts}
+    computed = [key for key, cell in cells.items() if cell is None]
     for name, method in methods.items():
-        todo = [c for c in concepts if comparison.read_cell(opt.out, name, c) is None]
+        todo = [c for c in concepts if (name, c) in computed]
         adapters = train(opt, name, method, {c: concepts[c] for c in todo}) if todo else {}
-        for c in concepts:
-            cells[name, c] = comparison.read_cell(opt.out, name, c)
-            if cells[name, c] is None:
-                start = time.time()
-                images = sample(opt, name, adapters[c], {"name": c, **concepts[c]}, prompts, device)
-                per_image = score(opt, scorers, concepts[c], prompts, images)
-                cells[name, c] = {"method": name, "concept": c, "means": comparison.cell_means(per_image),
-                                  "per_image": per_image, "made_by": {
-                                      "config": method["config"], "overrides": method["overrides"],
-                                      "ckpt_path": opt.ckpt_path, "training_steps": opt.steps, "training_seed": 23,
-                                      "seeds": list(range(opt.seed, opt.seed + opt.n_images)),
-                                      "ddim_steps": opt.ddim_steps, "scale": opt.scale, "prompts": prompts,
-                                      "torch": torch.__version__, "transformers": transformers.__version__,
-                                      "seconds": round(time.time() - start, 1)}}
-                comparison.write_cell(opt.out, name, c, cells[name, c])
-                computed += 1
-                print(f"cell {name} / {c}: " + ", ".join(f"{k} {v:.3f}" for k, v in cells[name, c]["means"].items()))
+        for c in todo:
+            start = time.time()
+            images = sample(opt, name, adapters[c], {"name": c, **concepts[c]}, prompts, device)
+            per_image = score(opt, scorers, concepts[c], prompts, images)
+            made_by = {"config": method["config"], "overrides": method["overrides"], "ckpt_path": opt.ckpt_path,
+                       "training_steps": opt.steps, "training_seed": 23,
+                       "seeds": list(range(opt.seed, opt.seed + opt.n_images)), "ddim_steps": opt.ddim_steps,
+                       "scale": opt.scale, "prompts": prompts, "torch": torch.__version__,
+                       "transformers": transformers.__version__, "seconds": round(time.time() - start, 1)}
+            cells[name, c] = {"method": name, "concept": c, "means": comparison.cell_means(per_image),
+                              "per_image": per_image, "made_by": made_by}
+            comparison.write_cell(opt.out, name, c, cells[name, c])
+            print(f"cell {name} / {c}: " + ", ".join(f"{k} {v:.3f}" for k, v in cells[name, c]["means"].items()))
     results = comparison.table(cells, methods, list(concepts))
     title = (f"{len(concepts)} concept(s) x {len(prompts)} prompt(s) x {opt.n_images} image(s), "
              f"{'toy world' if opt.toy else os.path.basename(opt.ckpt_path)}")
     md = comparison.write_results(opt.out, results, methods, list(concepts), title)
     for c in concepts:
-        rows = [[os.path.join(opt.out, cells[m, c]["per_image"][k * opt.n_images]["image"]) for k in range(len(prompts))]
-                for m in methods]
-        save_sheet(os.path.join(opt.out, "sheets", f"{c}.png"), [[load_rgb(p) for p in r] for r in rows],
-                   [methods[m]["label"] for m in methods], [t.format(concepts[c]["word"]) for t in prompts])
+        rows = [[load_rgb(os.path.join(opt.out, row["image"])) for row in cells[m, c]["per_image"][::opt.n_images]]
+                for m in methods]  # each prompt's first seed
+        save_sheet(os.path.join(opt.out, "sheets", f"{c}.png"), rows, [methods[m]["label"] for m in methods],
+                   [t.format(concepts[c]["word"]) for t in prompts])
     print(md)
-    print(f"{computed} cell(s) computed, {len(cells) - computed} read back; results in {opt.out}/results.md")
-    return results, cells, computed
+    print(f"{len(computed)} cell(s) computed, {len(cells) - len(computed)} read back; results in {opt.out}/results.md")
+    return results, cells, len(computed)
 
 
 def main(argv=None):

@@ -2,49 +2,38 @@
 mean and, when masks are given, masked CLIP-I (the concept region only; --rm_mask: the authors' layout instead).
 
 Writes the means and per-image scores as JSON to --out, the per-image rows as CSV and a bar chart
-of the means as PNG beside it (same stem), and prints a table. The metric code lives in
-ldm/evaluation/clip_metrics.py; this file only parses arguments and writes the results.
+of the means as PNG beside it (same stem), and prints a table.
 """
-
 import argparse
 import json
-import math
 import os
 from pathlib import Path
-
-# Let `python scripts/evaluate.py` find the `ldm` package without installing the repository.
 
 from ldm.config import resolve_device
 from ldm.evaluation import clip_metrics
 from ldm.images import list_images, load_rgb
-from ldm.report import bar_chart, csv_text, write_files
+from ldm.report import bar_chart, csv_text, markdown_table, write_files
+from ldm.sampling import check_output_dir
 from ldm.util import HelpFormatter, one_line_errors
 
-MASK_RULE = (
-    "Masked CLIP-I: on both sides, pixels outside the mask become the CLIP mean grey RGB "
-    f"{clip_metrics.FILL}, the image is cropped to the mask's bounding box and padded to a centred "
-    "square with the same grey, then CLIP's usual preprocessing follows. Masks are PNGs matched to "
-    "images by file stem (greyscale pixel > 127 = concept), resized to their image (nearest) if needed."
-)
+MASK_RULE = (f"Masked CLIP-I: on both sides, pixels outside the mask become CLIP's mean grey {clip_metrics.FILL}, the "
+             "image is cropped to the mask's bounding box and padded to a centred square with the same grey, then "
+             "CLIP's usual preprocessing follows. Masks are PNGs matched to images by file stem (greyscale pixel > 127 "
+             "= concept), resized to their image (nearest) if needed.")
 LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "geometric_mean": "geometric mean", "masked_clip_i": "masked CLIP-I"}
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=HelpFormatter,
-        epilog=MASK_RULE + " The geometric mean is sqrt(max(CLIP-I,0) * max(CLIP-T,0)).",
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                     epilog=MASK_RULE + " The geometric mean is sqrt(max(CLIP-I,0) * max(CLIP-T,0)).")
     parser.add_argument("--ref_dir", required=True, help="reference images of the concept (jpg/jpeg/png/webp)")
     parser.add_argument("--gen_dir", required=True, help="generated images")
     parser.add_argument("--prompt", required=True, help="text scored against the generated images (CLIP-T)")
     parser.add_argument("--clip_weights", required=True, help="local open_clip state dict (.bin/.pt/.pth/.safetensors)")
     parser.add_argument("--clip_model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32)")
-    parser.add_argument(
-        "--quick_gelu",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="force QuickGELU as in OpenAI's CLIP weights (default); --no-quick_gelu for GELU-trained weights",
-    )
+    parser.add_argument("--quick_gelu", action=argparse.BooleanOptionalAction, default=True,
+                        help="force QuickGELU as in OpenAI's CLIP weights (default); --no-quick_gelu for GELU-trained "
+                             "weights")
     parser.add_argument("--ref_masks", help="folder of reference masks (enables masked CLIP-I; needs --gen_masks)")
     parser.add_argument("--gen_masks", help="folder of generated-image masks (needs --ref_masks)")
     parser.add_argument("--rm_mask", action="store_true",
@@ -67,41 +56,22 @@ def run(args):
         raise ValueError("--rm_mask and --ref_masks/--gen_masks are two masked CLIP-I rules; pass one of them")
     # Cheap input checks first, so that a wrong folder, an unreadable image or an output path that cannot be
     # written is reported before CLIP is built (and before anything is written).
-    check_writable(out)
+    check_output_dir(out.parent, "--out")
     resolve_device(args.device)
-    ref_paths = list_images(args.ref_dir)
-    gen_paths = list_images(args.gen_dir)
-    ref_masks = gen_masks = None
+    ref_paths, gen_paths = list_images(args.ref_dir), list_images(args.gen_dir)
+    masks = removed = [None, None]
     if args.ref_masks is not None:
-        ref_masks = clip_metrics.load_mask_folder(args.ref_masks, list(ref_paths))
-        gen_masks = clip_metrics.load_mask_folder(args.gen_masks, list(gen_paths))
+        masks = [clip_metrics.load_mask_folder(folder, list(paths))
+                 for folder, paths in ((args.ref_masks, ref_paths), (args.gen_masks, gen_paths))]
     ref_images, gen_images = read_images(ref_paths), read_images(gen_paths)
-    ref_removed = gen_removed = None
     if args.rm_mask:  # list_images skips these subfolders: the copies never mix with the images themselves
-        ref_removed = read_images(list_images(os.path.join(args.ref_dir, "rm_mask")))
-        gen_removed = read_images(list_images(os.path.join(args.gen_dir, "rm_mask")))
+        removed = [read_images(list_images(os.path.join(folder, "rm_mask"))) for folder in (args.ref_dir, args.gen_dir)]
     clip = clip_metrics.load_clip(args.clip_model, args.clip_weights, args.device, args.quick_gelu)
-    result = clip_metrics.compute_metrics(
-        clip,
-        ref_images,
-        gen_images,
-        args.prompt,
-        ref_masks,
-        gen_masks,
-        args.batch_size,
-        ref_removed,
-        gen_removed,
-    )
+    result = clip_metrics.compute_metrics(clip, ref_images, gen_images, args.prompt, *masks, args.batch_size, *removed)
     for row in result["per_image"]:
         row["image"] = os.path.basename(gen_paths[row["image"]])
-    report = {
-        "clip_model": args.clip_model,
-        "clip_weights": str(args.clip_weights),
-        "prompt": args.prompt,
-        "num_ref": len(ref_paths),
-        "num_gen": len(gen_paths),
-        **result,
-    }
+    report = {"clip_model": args.clip_model, "clip_weights": str(args.clip_weights), "prompt": args.prompt,
+              "num_ref": len(ref_paths), "num_gen": len(gen_paths), **result}
     write_outputs(out, report)
     print(format_table(report))
 
@@ -110,29 +80,13 @@ def read_images(paths):
     return {stem: load_rgb(path) for stem, path in paths.items()}
 
 
-def check_writable(out):
-    """Refuse an --out whose folder cannot be created or written (e.g. a path under a regular file)."""
-    existing = out.resolve().parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"cannot write {out}: {existing} is a file, not a folder; pass another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {out}: {existing} is not writable; pass another --out")
-
-
-def metric_keys(report):
-    return [key for key in LABELS if key in report]
-
-
 def format_table(report):
-    columns = [key for key in metric_keys(report) if key != "geometric_mean"]
-    width = max(len("mean"), *(len(row["image"]) for row in report["per_image"]))
-    lines = ["  ".join([f"{'image':<{width}}"] + [f"{LABELS[key]:>13}" for key in columns])]
-    for row in report["per_image"]:
-        lines.append("  ".join([f"{row['image']:<{width}}"] + [f"{row.get(key, math.nan):>13.4f}" for key in columns]))
-    lines.append("  ".join([f"{'mean':<{width}}"] + [f"{report[key]:>13.4f}" for key in columns]))
-    lines.append(f"geometric mean of CLIP-I and CLIP-T: {report['geometric_mean']:.4f}")
+    columns = [key for key in LABELS if key in report and key != "geometric_mean"]
+    rows = [[row["image"], *(f"{row[key]:.4f}" if key in row else "" for key in columns)]
+            for row in report["per_image"]]
+    lines = [markdown_table(["image", *(LABELS[key] for key in columns)],
+                            rows + [["mean", *(f"{report[key]:.4f}" for key in columns)]]),
+             f"geometric mean of CLIP-I and CLIP-T: {report['geometric_mean']:.4f}"]
     if "masked_clip_i_rule" in report:
         lines.append(f"masked CLIP-I rule: {report['masked_clip_i_rule']}")
     return "\n".join(lines)
@@ -140,13 +94,14 @@ def format_table(report):
 
 def write_outputs(out, report):
     """JSON at `out`, per-image CSV and bar-chart PNG beside it; all rendered before any is written."""
-    keys = metric_keys(report)
+    keys = [key for key in LABELS if key in report]
     values = [report[key] for key in keys]
+    title = f"{report['clip_model']}, {report['num_gen']} generated vs {report['num_ref']} reference images"
     chart = bar_chart([LABELS[key] for key in keys], {"mean": values}, ylim=(min(0.0, *values), 1.05),
-                      ylabel="cosine similarity",
-                      title=f"{report['clip_model']}, {report['num_gen']} generated vs {report['num_ref']} reference images")
+                      ylabel="cosine similarity", title=title)
+    csv = csv_text(report["per_image"], ["image"] + [key for key in keys if key != "geometric_mean"])
     write_files({out: json.dumps(report, indent=2) + "\n", out.with_suffix(".png"): chart,
-                 out.with_suffix(".csv"): csv_text(report["per_image"], ["image"] + [k for k in keys if k != "geometric_mean"])})
+                 out.with_suffix(".csv"): csv})
 
 
 def main(argv=None):

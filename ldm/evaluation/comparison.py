@@ -9,6 +9,7 @@ import json
 import math
 import os
 import statistics
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -26,7 +27,8 @@ METRICS = {
 def read_prompts(path):
     """Prompt templates, one per line (`{}` = the concept's word); blank lines and `#` comments skipped."""
     if not os.path.isfile(path):
-        raise ValueError(f"prompt file not found: {path}; pass --prompts with a file such as configs/prompts/objects.txt")
+        raise ValueError(f"prompt file not found: {path}; pass --prompts with a file such as "
+                         "configs/prompts/objects.txt")
     with open(path, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
@@ -39,7 +41,8 @@ def read_methods(path, names):
     presets = OmegaConf.to_container(OmegaConf.load(path)) or {}
     unknown = [n for n in names if n not in presets]
     if unknown:
-        raise ValueError(f"method {unknown[0]!r} is no preset in {path}; pick from {', '.join(presets)} or add it there")
+        raise ValueError(f"method {unknown[0]!r} is no preset in {path}; pick from {', '.join(presets)} or add it "
+                         "there")
     if len(set(names)) != len(names):
         raise ValueError(f"--methods names a method twice: {names}")
     return {n: {"label": presets[n].get("label", n), "config": presets[n]["config"],
@@ -57,29 +60,26 @@ def read_concepts(folder):
         if name.startswith(".") or not os.path.isdir(root):
             continue
         list_images(root)  # one line naming the folder if it holds no images
-        extra = {}
-        if os.path.isfile(os.path.join(root, "concept.yaml")):
-            extra = OmegaConf.to_container(OmegaConf.load(os.path.join(root, "concept.yaml"))) or {}
+        yaml = os.path.join(root, "concept.yaml")
+        extra = (OmegaConf.to_container(OmegaConf.load(yaml)) or {}) if os.path.isfile(yaml) else {}
         concepts[name] = {"root": root, "word": str(extra.pop("word", name)), **extra}
     if not concepts:
         raise ValueError(f"no concept folders in {folder}; put one folder of photos per concept there")
     return concepts
 
 
-def cell_path(out, method, concept):
+def _cell_path(out, method, concept):
     return os.path.join(out, "cells", method, f"{concept}.json")
 
 
 def write_cell(out, method, concept, cell):
-    report.write_files({cell_path(out, method, concept): json.dumps(cell, indent=1) + "\n"})
+    report.write_files({_cell_path(out, method, concept): json.dumps(cell, indent=1) + "\n"})
 
 
 def read_cell(out, method, concept):
-    path = cell_path(out, method, concept)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """The saved cell, or None if it has not been computed."""
+    path = _cell_path(out, method, concept)
+    return json.loads(Path(path).read_text()) if os.path.isfile(path) else None
 
 
 def cell_means(per_image):
@@ -95,14 +95,11 @@ def table(cells, methods, concepts):
     """{metric: {method: {"mean", "std", "per_concept": {concept: value}}}} over the concepts (population std)."""
     out = {}
     for metric in METRICS:
-        rows = {}
         for m in methods:
             values = {c: cells[m, c]["means"][metric] for c in concepts if metric in cells[m, c]["means"]}
             if values:
-                rows[m] = {"mean": statistics.mean(values.values()), "std": statistics.pstdev(values.values()),
-                           "per_concept": values}
-        if rows:
-            out[metric] = rows
+                out.setdefault(metric, {})[m] = {"mean": statistics.mean(values.values()),
+                                                 "std": statistics.pstdev(values.values()), "per_concept": values}
     return out
 
 
@@ -114,18 +111,16 @@ def write_results(out, results, methods, concepts, title):
     rows = [{"method": m, "concept": c, **{k: results[k][m]["per_concept"].get(c) for k in metrics}}
             for m in methods for c in concepts]
     rows += [{"method": m, "concept": "mean", **{k: results[k][m]["mean"] for k in metrics}} for m in methods]
-    head = ["method", *(METRICS[k] for k in metrics)]
+    names = [METRICS[k] for k in metrics]
+    means = [[labels[m], *(f"{results[k][m]['mean']:.3f} ± {results[k][m]['std']:.3f}" for k in metrics)]
+             for m in methods]
+    per_concept = [[labels[m], c, *(f"{results[k][m]['per_concept'][c]:.3f}" for k in metrics)]
+                   for m in methods for c in concepts]
     md = (f"{title}\n\nMean ± standard deviation over {len(concepts)} concept(s).\n\n"
-          + report.markdown_table(head, [[labels[m]] + [f"{results[k][m]['mean']:.3f} ± {results[k][m]['std']:.3f}"
-                                                         for k in metrics] for m in methods])
-          + "\nPer concept:\n\n"
-          + report.markdown_table(["method", "concept", *(METRICS[k] for k in metrics)],
-                                  [[labels[m], c] + [f"{results[k][m]['per_concept'][c]:.3f}" for k in metrics]
-                                   for m in methods for c in concepts]))
-    chart = report.bar_chart([METRICS[k] for k in metrics], {labels[m]: [results[k][m]["mean"] for k in metrics]
-                                                             for m in methods},
+          f"{report.markdown_table(['method', *names], means)}\nPer concept:\n\n"
+          f"{report.markdown_table(['method', 'concept', *names], per_concept)}")
+    chart = report.bar_chart(names, {labels[m]: [results[k][m]["mean"] for k in metrics] for m in methods},
                              errors={labels[m]: [results[k][m]["std"] for k in metrics] for m in methods}, title=title)
-    report.write_files({os.path.join(out, "results.json"): json.dumps(results, indent=1) + "\n",
-                        os.path.join(out, "results.csv"): report.csv_text(rows), os.path.join(out, "results.md"): md,
-                        os.path.join(out, "results.png"): chart})
+    files = {"json": json.dumps(results, indent=1) + "\n", "csv": report.csv_text(rows), "md": md, "png": chart}
+    report.write_files({os.path.join(out, f"results.{ext}"): data for ext, data in files.items()})
     return md

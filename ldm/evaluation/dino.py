@@ -1,12 +1,6 @@
-"""DINO similarity as DreamBooth's DreamBench and CustomConcept101 report it: the mean cosine between the class
-tokens of a self-supervised ViT-S/16 (DINO) over all (reference, generated) image pairs.
-
-DINO, unlike CLIP, was never trained to ignore what separates two objects of one class, so it rewards the concept's
-own identity. The published figures come from this preprocessing: the short side resized to 256 (bicubic), a
-centre crop of 224, ImageNet mean and std. A Hugging Face image processor's defaults (a direct 224x224 resize) give
-other numbers, so the transform is written out here. The model is transformers' ViTModel, read from a local folder
-(e.g. facebook/dino-vits16) or from the DINO project's own file (`dino_deitsmall16_pretrain.pth`); nothing is
-downloaded.
+"""DINO similarity as DreamBench and CustomConcept101 report it: the mean cosine between the class tokens of a
+self-supervised ViT-S/16 over all (reference, generated) image pairs. DINO, unlike CLIP, was never trained to ignore
+what separates two objects of one class, so it rewards the concept's own identity.
 """
 import os
 
@@ -20,6 +14,7 @@ from ldm.weights import read_tensors
 # ViT-S/16 as DINO trained it (its LayerNorms use eps 1e-6, not ViTConfig's default 1e-12).
 VIT_S16 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=16,
                image_size=224, layer_norm_eps=1e-6, qkv_bias=True)
+# The published figures' preprocessing; a Hugging Face image processor's default (a direct 224x224 resize) differs.
 PREPROCESS = transforms.Compose([
     transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
     transforms.CenterCrop(224),
@@ -77,6 +72,6 @@ def features(model, images, batch_size=32):
     return F.normalize(torch.cat(out), dim=-1)
 
 
-def dino_score(model, reference_images, generated_images):
-    """Mean cosine over all (reference, generated) pairs of DINO class tokens."""
-    return (features(model, generated_images) @ features(model, reference_images).T).mean().item()
+def dino_scores(model, reference_images, generated_images):
+    """Per generated image, the mean cosine of its DINO class token to the references' (a tensor)."""
+    return (features(model, generated_images) @ features(model, reference_images).T).mean(dim=1)

@@ -88,7 +88,7 @@ MUTANTS = [
     ("uc-computed-with-the-adapter", "ldm/sampling.py", "    with encoder.adapter_disabled():\n        uc = ",
      "    with torch.no_grad():\n        uc = ", ["tests/test_sampling.py::test_unconditional_embedding_is_the_empty_prompt_without_adapter"]),
     # --- evaluation --------------------------------------------------------------------------------------------------
-    ("quickgelu-default-flipped", "ldm/evaluation/clip_metrics.py", "quick_gelu: bool = True", "quick_gelu: bool = False",
+    ("quickgelu-default-flipped", "ldm/evaluation/clip_metrics.py", "quick_gelu=True):", "quick_gelu=False):",
      ["tests/test_evaluate.py::test_compute_metrics_takes_mask_dicts"]),
     ("clip-i-against-one-reference", "ldm/evaluation/clip_metrics.py", "clip_i_rows = (gen_feats @ ref_feats.T).mean(dim=1)",
      "clip_i_rows = (gen_feats @ ref_feats.T)[:, 0]", ["tests/test_evaluate.py::test_metrics_match_direct_computation"]),
