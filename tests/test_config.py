@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from ldm import config as cfg
 from ldm.files import atomic_write

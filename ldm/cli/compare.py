@@ -114,19 +114,15 @@ def train(opt, name, method, concepts, seed=23):
 
 def load_personalized(opt, adapter, device="cpu"):
     """The base model with a learned concept (a CatVersion adapter folder, or one holding a Textual Inversion
-    `embeddings.pt`); returns (model, the word that names the concept in prompts or None for the class word, the
-    number of learned values)."""
+    `embeddings.pt`); returns (model, the word that names the concept in prompts, or None for the class word)."""
     from ldm import sampling
-    from ldm.modules.embedding_manager import load_embeddings_into
 
     embeddings = os.path.join(adapter, "embeddings.pt")
-    textual_inversion = os.path.isfile(embeddings)
-    model = sampling.load_model(os.path.join(opt.configs, "v1-inference.yaml"), opt.ckpt_path, device,
-                                [] if textual_inversion else [adapter], verbose=False).eval()
-    if not textual_inversion:
-        return model, None, sum(p.numel() for p in model.cond_stage_model.adapter_parameters())
-    manager = load_embeddings_into(model.cond_stage_model, embeddings)
-    return model, manager.placeholder_strings[0], sum(p.numel() for p in manager.embedding_parameters())
+    path = embeddings if os.path.isfile(embeddings) else adapter
+    model = sampling.load_model(os.path.join(opt.configs, "v1-inference.yaml"), opt.ckpt_path, device, [path],
+                                verbose=False).eval()
+    manager = getattr(model, "embedding_manager", None)
+    return model, manager.placeholder_strings[0] if manager else None
 
 
 def sample(opt, name, adapter, concept, prompts, device):
@@ -142,7 +138,7 @@ def sample(opt, name, adapter, concept, prompts, device):
             if os.path.isfile(path):
                 continue
             if model is None:
-                model, placeholder, _ = load_personalized(opt, adapter, device)
+                model, placeholder = load_personalized(opt, adapter, device)
                 uc = sampling.unconditional_embedding(model, cache_dir="") if opt.scale != 1.0 else None
             cond = model.get_learned_conditioning([template.format(placeholder or concept["word"])])
             side = 8 * model.image_size
