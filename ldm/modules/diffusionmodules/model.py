@@ -6,18 +6,11 @@ Only what the SD v1 VAE uses: no timestep conditioning, attention only in the mi
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import Upsample
+
 
 def Normalize(in_channels):
     return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6)
-
-
-class Upsample(nn.Module):
-    def __init__(self, in_channels):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Downsample(nn.Module):

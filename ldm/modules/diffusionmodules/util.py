@@ -36,6 +36,17 @@ def zero_module(module):
     return module
 
 
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 convolution (the UNet's and the VAE's, same keys)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
 class GroupNorm32(nn.GroupNorm):
     # Normalises in float32 even in a half-precision model, as the reference does, to avoid overflow.
     def forward(self, x):
