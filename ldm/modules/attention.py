@@ -84,10 +84,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
-        self.checkpoint = checkpoint
+        self.use_checkpoint = checkpoint
 
     def forward(self, x, context=None):
-        return checkpoint(self._forward, (x, context), self.checkpoint, self.training)
+        return checkpoint(self._forward, (x, context), self.use_checkpoint, self.training)
 
     def _forward(self, x, context):
         x = self.attn1(self.norm1(x)) + x

@@ -1,8 +1,4 @@
-"""LatentDiffusion: frozen SD v1 (UNet, VAE, CLIP) as a Lightning module that trains only a personalization adapter.
-
-The diffusion math lives in plain functions (`ldm.modules.diffusionmodules.util`), the samplers in `ddim.py`/`plms.py`
-and the CatVersion mechanism in `ldm.modules.encoders.concat_kv`; this file only wires them together.
-"""
+"""LatentDiffusion: frozen SD v1 (UNet, VAE, CLIP) as a Lightning module that trains only a personalization adapter."""
 import os
 
 import pytorch_lightning as pl
@@ -31,7 +27,8 @@ FAST_DEFAULTS = {
     # not restored; false leaves torch's own flags alone
     "tf32": False,
 }
-PRECISIONS = ("fp32", "bf16", "auto")
+FAST_VALUES = {"precision": ("fp32", "bf16", "auto"), "gradient_checkpointing": (True, False, "auto"),
+               "channels_last": (True, False, "auto")}  # the others: true or false
 
 
 class DiffusionWrapper(nn.Module):
@@ -52,27 +49,11 @@ def q_sample(x_start, t, noise, alphas_cumprod):
 
 
 class LatentDiffusion(pl.LightningModule):
-    def __init__(
-        self,
-        unet_config,
-        first_stage_config,
-        cond_stage_config,
-        timesteps=1000,
-        beta_schedule="linear",
-        linear_start=0.00085,
-        linear_end=0.012,
-        first_stage_key="image",
-        cond_stage_key="caption",
-        image_size=64,
-        channels=4,
-        scale_factor=0.18215,
-        conditioning_key="crossattn",
-        parameterization="eps",
-        personalization_config=None,
-        fast=None,
-        concepts=None,
-        **ignored,  # keys of the reference's configs that mean nothing here (monitor, use_ema, log_every_t, ...)
-    ):
+    # `ignored`: keys of the reference's configs that mean nothing here (monitor, use_ema, log_every_t, ...).
+    def __init__(self, unet_config, first_stage_config, cond_stage_config, timesteps=1000, beta_schedule="linear",
+                 linear_start=0.00085, linear_end=0.012, first_stage_key="image", cond_stage_key="caption",
+                 image_size=64, channels=4, scale_factor=0.18215, conditioning_key="crossattn", parameterization="eps",
+                 personalization_config=None, fast=None, concepts=None, **ignored):
         super().__init__()
         if parameterization != "eps" or conditioning_key != "crossattn":
             raise ValueError("only epsilon prediction with cross-attention conditioning (SD v1) is supported")
@@ -94,8 +75,7 @@ class LatentDiffusion(pl.LightningModule):
         # Textual Inversion baseline: learned word embeddings instead of (or besides) CatVersion's K/V.
         self.embedding_manager = None
         if personalization_config is not None:
-            self.embedding_manager = instantiate_from_config(personalization_config)
-            self.embedding_manager.attach(self.cond_stage_model)
+            self.embedding_manager = instantiate_from_config(personalization_config).attach(self.cond_stage_model)
         self.num_timesteps = timesteps
         betas = torch.as_tensor(make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end), dtype=torch.float64)
         # Derived from the config, so not part of the state dict (real checkpoints carry them; the loader ignores them).
@@ -123,8 +103,6 @@ class LatentDiffusion(pl.LightningModule):
 
     # --- the three frozen networks -------------------------------------------------------------------
     def get_learned_conditioning(self, prompts, concepts=None):
-        if concepts is None:
-            return self.cond_stage_model.encode(list(prompts))
         return self.cond_stage_model.encode(list(prompts), concepts)
 
     @torch.no_grad()
@@ -157,9 +135,9 @@ class LatentDiffusion(pl.LightningModule):
         return z, list(batch[self.cond_stage_key])
 
     def _posterior(self, batch):
-        keys = self._latent_keys(batch)
-        if keys is None:
+        if not self.fast["cache_latents"] or "index" not in batch or "flip" not in batch:
             return self.encode_first_stage(self._images(batch))
+        keys = list(zip(_as_list(batch["index"]), (bool(f) for f in _as_list(batch["flip"]))))
         images = None
         for i, key in enumerate(keys):
             if key not in self._latent_cache:
@@ -174,11 +152,6 @@ class LatentDiffusion(pl.LightningModule):
         x = batch[self.first_stage_key]
         return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
 
-    def _latent_keys(self, batch):
-        if not self.fast["cache_latents"] or "index" not in batch or "flip" not in batch:
-            return None
-        return list(zip(_as_list(batch["index"]), (bool(f) for f in _as_list(batch["flip"]))))
-
     def get_training_conditioning(self, captions, concepts=None):
         """`get_learned_conditioning(captions, concepts)` for a training step, through the text cache with `fast.cache_text`.
 
@@ -187,7 +160,7 @@ class LatentDiffusion(pl.LightningModule):
         (CatVersion's batches repeat one caption; once per distinct caption and concept with several concepts). Not with
         a Textual Inversion embedding manager: its trainable word embeddings enter at the bottom."""
         enc = self.cond_stage_model
-        if not self.fast["cache_text"] or self.embedding_manager is not None or not hasattr(enc, "encode_from_hidden"):
+        if not self.fast["cache_text"] or self.embedding_manager is not None:
             return self.get_learned_conditioning(captions, concepts)
         start = enc.first_adapted_layer
         keys = list(zip(captions, [0] * len(captions) if concepts is None else concepts))
@@ -239,15 +212,13 @@ class LatentDiffusion(pl.LightningModule):
         unknown = sorted(set(options) - set(FAST_DEFAULTS))
         if unknown:
             raise ValueError(f"unknown fast option(s) {unknown}; known: {list(FAST_DEFAULTS)}")
-        if options["precision"] not in PRECISIONS:
-            raise ValueError(f"fast.precision {options['precision']!r} is not one of {list(PRECISIONS)}; for fp16 "
-                             "keep fp32 here and set lightning.trainer.precision: 16-mixed (its GradScaler is needed)")
-        for name in ("gradient_checkpointing", "channels_last"):
-            if options[name] not in (True, False, "auto"):
-                raise ValueError(f"fast.{name} must be true, false or auto, got {options[name]!r}")
-        for name in ("cache_latents", "cache_text", "compile", "tf32"):
-            if not isinstance(options[name], bool):
-                raise ValueError(f"fast.{name} must be true or false, got {options[name]!r}")
+        for name, value in options.items():
+            allowed = FAST_VALUES.get(name, (True, False))
+            if not any(value is a if isinstance(a, bool) else value == a for a in allowed):  # 1 is not true
+                words = [str(a).lower() for a in allowed]
+                hint = (("; for fp16 keep fp32 here and set lightning.trainer.precision: 16-mixed (its GradScaler is "
+                         "needed)") if name == "precision" else "")
+                raise ValueError(f"fast.{name} must be {', '.join(words[:-1])} or {words[-1]}, got {value!r}{hint}")
         return options
 
     def _fast_on(self, name):
@@ -266,10 +237,8 @@ class LatentDiffusion(pl.LightningModule):
         Lightning calls it when fitting starts; call it yourself after `.to(device)` when driving the model by hand."""
         checkpointing = self._fast_on("gradient_checkpointing")
         for module in self.model.modules():
-            if isinstance(module, ResBlock):
+            if isinstance(module, (ResBlock, BasicTransformerBlock)):
                 module.use_checkpoint = checkpointing
-            elif isinstance(module, BasicTransformerBlock):
-                module.checkpoint = checkpointing
         self._channels_last = self._fast_on("channels_last")
         self.model.to(memory_format=torch.channels_last if self._channels_last else torch.contiguous_format)
         self._hold_unet_weights(torch.bfloat16 if self.fast_precision() == "bf16" else torch.float32)
@@ -312,14 +281,13 @@ class LatentDiffusion(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.shared_step(batch)
-        n = max(len(self.concept_names), 1)
+        n, size = max(len(self.concept_names), 1), len(batch[self.cond_stage_key])
         # With several concepts: their mean (comparable with a one-concept run's loss), and each concept's own.
-        self.log("train/loss_simple", loss / n, prog_bar=True, on_step=True, batch_size=len(batch[self.cond_stage_key]))
+        self.log("train/loss_simple", loss / n, prog_bar=True, on_step=True, batch_size=size)
         if n > 1:
             for name, value in zip(self.concept_names, self.concept_losses):
-                self.log(f"train/loss_simple/{name}", value, on_step=True, batch_size=len(batch[self.cond_stage_key]) // n)
-        opt = self.optimizers()
-        self.log("lr-abs", opt.param_groups[0]["lr"], prog_bar=True, on_step=True, logger=True)
+                self.log(f"train/loss_simple/{name}", value, on_step=True, batch_size=size // n)
+        self.log("lr-abs", self.optimizers().param_groups[0]["lr"], prog_bar=True, on_step=True, logger=True)
         return loss
 
     def trainable_parameters(self):
