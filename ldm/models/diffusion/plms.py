@@ -3,7 +3,7 @@
 import torch
 from tqdm import tqdm
 
-from ldm.models.diffusion.ddim import DDIMSampler, ddim_schedule, ddim_step, ddim_timesteps, timestep_batch
+from ldm.models.diffusion.ddim import DDIMSampler, ddim_schedule, ddim_step, ddim_timesteps
 
 # Adams-Bashforth weights over [eps now, eps one step ago, ...] and their denominator, keyed by the
 # number of earlier eps available. Integer weights then one division, as LDM writes them.
@@ -27,14 +27,14 @@ def sample_plms(eps_fn, x_T, alphas_cumprod, num_steps, callback=None, progress=
     for i, idx in enumerate(tqdm(range(len(timesteps) - 1, -1, -1), desc="PLMS Sampler", disable=not progress)):
         t = int(timesteps[idx])
         a_t, a_prev = alphas[idx].item(), alphas_prev[idx].item()
-        eps = eps_fn(x, timestep_batch(x, t))
+        eps = eps_fn(x, x.new_full((len(x),), t, dtype=torch.long))
         if old_eps:
             weights, denominator = _ADAMS_BASHFORTH[len(old_eps)]
             eps_prime = sum(w * e for w, e in zip(weights, [eps, *reversed(old_eps)])) / denominator
         else:
             x_trial, _ = ddim_step(x, eps, a_t, a_prev)
             t_next = int(timesteps[max(idx - 1, 0)])  # with a single step, LDM re-evaluates the same t
-            eps_prime = (eps + eps_fn(x_trial, timestep_batch(x, t_next))) / 2
+            eps_prime = (eps + eps_fn(x_trial, x.new_full((len(x),), t_next, dtype=torch.long))) / 2
         x, pred_x0 = ddim_step(x, eps_prime, a_t, a_prev)
         old_eps = (old_eps + [eps])[-3:]
         if callback is not None:

@@ -3,6 +3,7 @@ import contextlib
 import json
 import os
 import warnings
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -47,9 +48,10 @@ class FrozenCLIPEmbedder(nn.Module):
         self.transformer = CLIPTextModel._from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
         self.tokenizer = build_clip_tokenizer(max_length)
         self.max_length = max_length
+        self.width, self.heads, self.num_layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
         self.frozen = freeze
         if freeze:
-            self.freeze()
+            self.transformer.eval().requires_grad_(False)
         self._adapters = []  # a plain list, not a ModuleList: see the class docstring
         self._adapters_enabled = True
         if concat_kv is not None:
@@ -57,12 +59,6 @@ class FrozenCLIPEmbedder(nn.Module):
             if unknown:
                 raise ValueError(f"unknown concat_kv option(s) {sorted(unknown)}; known: {list(_CONCAT_KV_KNOBS)}")
             self._attach(ConcatKV(config.hidden_size, config.num_attention_heads, **concat_kv), trainable=True, source="concat_kv")
-
-    # --- frozen CLIP -------------------------------------------------------------------------------
-    def freeze(self):
-        self.transformer.eval()
-        for p in self.transformer.parameters():
-            p.requires_grad = False
 
     def train(self, mode=True):
         super().train(mode)
@@ -77,18 +73,6 @@ class FrozenCLIPEmbedder(nn.Module):
             adapter._apply(fn, recurse)
         return self
 
-    @property
-    def width(self):
-        return self.transformer.config.hidden_size
-
-    @property
-    def heads(self):
-        return self.transformer.config.num_attention_heads
-
-    @property
-    def num_layers(self):
-        return self.transformer.config.num_hidden_layers
-
     # --- text -> conditioning ----------------------------------------------------------------------
     def tokenize(self, text):
         """list[str] -> LongTensor (b, max_length): BOS, tokens, EOS, padded with EOS; warns once if any prompt was cut."""
@@ -102,9 +86,7 @@ class FrozenCLIPEmbedder(nn.Module):
     def encode_tokens(self, tokens, concepts=None):
         """Token ids (b, max_length) -> last_hidden_state (b, max_length, width), with the active adapters."""
         tokens = tokens.to(self.transformer.device)
-        extra = self._extra_kv(tokens.shape[0], concepts)
-        kwargs = {"catversion_kv": extra} if extra else {}
-        return self.transformer(input_ids=tokens, **kwargs).last_hidden_state
+        return self.transformer(input_ids=tokens, catversion_kv=self._extra_kv(len(tokens), concepts)).last_hidden_state
 
     def forward(self, text, concepts=None):
         return self.encode_tokens(self.tokenize(text), concepts)
@@ -138,11 +120,10 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def encode_from_hidden(self, hidden, start, concepts=None):
         """Layers `start`.. (with the active adapters) and the final layer norm, from `frozen_hidden_states(tokens, start)`."""
-        extra = self._extra_kv(hidden.shape[0], concepts)
-        kwargs = {"catversion_kv": extra} if extra else {}
+        extra = self._extra_kv(len(hidden), concepts)
         for layer in self.transformer.encoder.layers[start:]:
             # CLIPTextModel.forward hands its layers no mask and is_causal=True (see concat_kv); so do we.
-            hidden = layer(hidden, None, is_causal=True, **kwargs)
+            hidden = layer(hidden, None, is_causal=True, catversion_kv=extra)
         return self.transformer.final_layer_norm(hidden)
 
     def _active_adapters(self):
@@ -222,7 +203,8 @@ class FrozenCLIPEmbedder(nn.Module):
                 "width": str(a.width), "heads": str(a.heads)}
         ours.update({str(k): str(v) for k, v in (metadata or {}).items()})
         os.makedirs(directory, exist_ok=True)
-        atomic_write(os.path.join(directory, AUTHORS_CONFIG), lambda p: _write_text(p, json.dumps(config, indent=2)))
+        atomic_write(os.path.join(directory, AUTHORS_CONFIG),
+                     lambda p: Path(p).write_text(json.dumps(config, indent=2), encoding="utf-8"))
         atomic_write(os.path.join(directory, AUTHORS_WEIGHTS), lambda p: torch.save(authors, p))
         atomic_write(os.path.join(directory, OUR_WEIGHTS), lambda p: save_file({"control_trans": flat}, p, metadata=ours))
 
@@ -266,11 +248,6 @@ class FrozenCLIPEmbedder(nn.Module):
         if len(layers) != n:
             raise ValueError(f"adapter {path} has {n} layers of numbers but its adapter_config.json leave_out keeps {len(layers)}; the files do not belong together")
         return layers
-
-
-def _write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def _read_safetensors(path):
