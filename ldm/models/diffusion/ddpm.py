@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.modules.diffusionmodules.util import make_beta_schedule
@@ -270,14 +271,10 @@ class LatentDiffusion(pl.LightningModule):
     def on_before_batch_transfer(self, batch, dataloader_idx):
         # Cache keys as Python values before Lightning moves the batch: reading them back from a GPU would wait for
         # the device on every step.
-        if isinstance(batch, dict):
-            for key in ("index", "flip", "concept"):
-                if isinstance(batch.get(key), torch.Tensor):
-                    batch[key] = batch[key].tolist()
+        for key in ("index", "flip", "concept"):
+            if isinstance(batch.get(key), torch.Tensor):
+                batch[key] = batch[key].tolist()
         return batch
-
-    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
-        optimizer.zero_grad(set_to_none=True)  # no memset of gradient buffers: the next backward writes them anew
 
     def training_step(self, batch, batch_idx):
         loss = self.shared_step(batch)
@@ -291,10 +288,8 @@ class LatentDiffusion(pl.LightningModule):
         return loss
 
     def trainable_parameters(self):
-        params = list(self.cond_stage_model.adapter_parameters())
-        if self.embedding_manager is not None:
-            params += list(self.embedding_manager.embedding_parameters())
-        return params
+        extra = [] if self.embedding_manager is None else self.embedding_manager.embedding_parameters()
+        return self.cond_stage_model.adapter_parameters() + extra
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
@@ -352,8 +347,6 @@ class LatentDiffusion(pl.LightningModule):
     def log_images(self, captions, ddim_steps=50, scale=10.0, seed=0, concepts=None):
         """DDIM samples for `captions` with the learned concept(s) (row i through concept `concepts[i]`, if given) and,
         from the same noise, without."""
-        from ldm.models.diffusion.ddim import DDIMSampler
-
         n, shape = len(captions), (self.channels, self.image_size, self.image_size)
         with self.cond_stage_model.adapter_disabled():
             uc = self.get_learned_conditioning([""] * n)
