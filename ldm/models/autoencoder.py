@@ -1,7 +1,7 @@
 """The SD v1 KL autoencoder (first stage): images <-> 4-channel latents, inference only.
 
 The reference class is a Lightning module with its training losses and GAN discriminator; SD keeps it frozen,
-so this is a plain nn.Module with the same constructor and state-dict keys, and the loss config is ignored.
+so this is a plain nn.Module with the same constructor and state-dict keys (trained only by the toy world).
 """
 from torch import nn
 
@@ -11,33 +11,26 @@ from ldm.weights import read_tensors
 
 
 class AutoencoderKL(nn.Module):
-    """`lossconfig`, `image_key` and `monitor` are accepted for config compatibility and unused (no training here)."""
-
-    def __init__(self, ddconfig, lossconfig=None, embed_dim=4, ckpt_path=None, ignore_keys=(), image_key="image",
-                 colorize_nlabels=None, monitor=None):
+    # `ignored`: the reference's training-only keys (lossconfig, image_key, monitor, ...).
+    def __init__(self, ddconfig, embed_dim=4, ckpt_path=None, ignore_keys=(), **ignored):
         super().__init__()
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig.double_z: true (the encoder must output a mean and a log-variance)")
-        if colorize_nlabels is not None:
-            raise ValueError("colorize_nlabels is for segmentation autoencoders, not SD's; remove it from the config")
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
         self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
         if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
-
-    def init_from_ckpt(self, path, ignore_keys=()):
-        """Load a standalone VAE checkpoint (keys without prefix); its training-loss weights are dropped."""
-        state = {k: v for k, v in read_tensors(path).items()
-                 if not k.startswith("loss.") and not any(k.startswith(p) for p in ignore_keys)}
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{path} does not fit AutoencoderKL ({len(missing)} missing keys, e.g. {missing[:2]}; "
-                f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); pass a VAE checkpoint made for this ddconfig"
-            )
+            # A standalone VAE checkpoint (keys without prefix); its training-loss weights are dropped.
+            state = {k: v for k, v in read_tensors(ckpt_path).items()
+                     if not k.startswith("loss.") and not any(k.startswith(p) for p in ignore_keys)}
+            missing, unexpected = self.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"{ckpt_path} does not fit AutoencoderKL ({len(missing)} missing keys, e.g. {missing[:2]}; "
+                    f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); pass a VAE checkpoint made for this ddconfig"
+                )
 
     def encode(self, x):
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
