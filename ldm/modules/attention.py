@@ -9,12 +9,6 @@ from torch import nn
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
 
 
-def _memory_format(x):
-    """channels_last for an NHWC-strided (b, c, h, w) tensor, else the default layout."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 class CrossAttention(nn.Module):
     """Multi-head attention from `query_dim` tokens to `context_dim` tokens (to themselves when context is None)."""
 
@@ -118,5 +112,7 @@ class SpatialTransformer(nn.Module):
             x = block(x, context=context)
         # Back to (b, c, h, w) in the input's memory layout: the bare view is NHWC-strided, and every convolution and
         # norm after it would convert layouts (UNet forward+backward 1.6x slower on a CPU).
-        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=_memory_format(x_in))
+        nhwc = x_in.is_contiguous(memory_format=torch.channels_last) and not x_in.is_contiguous()
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        x = x.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         return self.proj_out(x) + x_in

@@ -32,17 +32,6 @@ FAST_VALUES = {"precision": ("fp32", "bf16", "auto"), "gradient_checkpointing": 
                "channels_last": (True, False, "auto")}  # the others: true or false
 
 
-class DiffusionWrapper(nn.Module):
-    """Keeps the UNet under `model.diffusion_model.` so SD checkpoint keys match."""
-
-    def __init__(self, diff_model_config):
-        super().__init__()
-        self.diffusion_model = instantiate_from_config(diff_model_config)
-
-    def forward(self, x, t, c_crossattn):
-        return self.diffusion_model(x, t, context=c_crossattn)
-
-
 def q_sample(x_start, t, noise, alphas_cumprod):
     """Sample x_t ~ q(x_t | x_0): sqrt(a_t) x_0 + sqrt(1 - a_t) noise."""
     a = alphas_cumprod[t].view(-1, *([1] * (x_start.dim() - 1)))
@@ -70,7 +59,8 @@ class LatentDiffusion(pl.LightningModule):
                 raise ValueError("several concepts in one run need CatVersion's cond_stage_config.params.concat_kv; "
                                  "Textual Inversion trains one concept per run")
             cond_stage_config = OmegaConf.merge(cond_stage_config, {"params": {"concat_kv": {"concepts": len(concepts)}}})
-        self.model = DiffusionWrapper(unet_config)
+        self.model = nn.Module()  # keeps the UNet under `model.diffusion_model.`, as in SD checkpoints
+        self.model.diffusion_model = instantiate_from_config(unet_config)
         self.first_stage_model = instantiate_from_config(first_stage_config)
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
         # Textual Inversion baseline: learned word embeddings instead of (or besides) CatVersion's K/V.
@@ -121,9 +111,10 @@ class LatentDiffusion(pl.LightningModule):
     def apply_model(self, x_noisy, t, cond):
         if self._channels_last:
             x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)
-        model = self._compiled_unet if self.fast["compile"] and self._compiled_unet is not None else self.model
+        compiled = self.fast["compile"] and self._compiled_unet is not None
+        unet = self._compiled_unet if compiled else self.model.diffusion_model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast_precision() == "bf16"):
-            return model(x_noisy, t, c_crossattn=cond)  # the UNet answers in x_noisy's dtype (fp32)
+            return unet(x_noisy, t, context=cond)  # the UNet answers in x_noisy's dtype (fp32)
 
     # --- training ------------------------------------------------------------------------------------
     def get_input(self, batch):
@@ -247,7 +238,7 @@ class LatentDiffusion(pl.LightningModule):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.fast["compile"] and self._compiled_unet is None:
             # Kept outside the module tree, so state-dict keys stay free of torch.compile's `_orig_mod.`.
-            object.__setattr__(self, "_compiled_unet", torch.compile(self.model))
+            object.__setattr__(self, "_compiled_unet", torch.compile(self.model.diffusion_model))
         return self
 
     def _hold_unet_weights(self, dtype):

@@ -54,10 +54,6 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
-def normalization(channels):
-    return GroupNorm32(32, channels)
-
-
 def checkpoint(func, inputs, enabled, training=False):
     """func(*inputs), recomputing its activations during backward instead of storing them when `enabled`.
 
