@@ -110,8 +110,9 @@ def test_a_checkpoint_that_does_not_fit_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"attn_resolutions": [16]}, r"attn_resolutions=\[16\] is not supported"),
-        ({"double_z": False}, "needs ddconfig.double_z: true"),
+        ({"attn_resolutions": [16]}, r"ddconfig.attn_resolutions=\[16\] is not supported .*use attn_resolutions: \[\]"),
+        ({"double_z": False}, "ddconfig.double_z=False is not supported .*use double_z: true"),
+        ({"resamp_with_conv": False}, "ddconfig.resamp_with_conv=False is not supported .*use resamp_with_conv: true"),
     ],
 )
 def test_unsupported_ddconfig_is_refused(change, message):

@@ -10,12 +10,18 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.weights import read_tensors
 
 
+# ddconfig values of the SD v1 VAE that the reference lets vary and this VAE does not build otherwise.
+SD_V1_VAE = {"attn_resolutions": [], "resamp_with_conv": True, "double_z": True}
+
+
 class AutoencoderKL(nn.Module):
     # `ignored`: the reference's training-only keys (lossconfig, image_key, monitor, ...).
     def __init__(self, ddconfig, embed_dim=4, ckpt_path=None, ignore_keys=(), **ignored):
         super().__init__()
-        if not ddconfig.get("double_z", True):
-            raise ValueError("AutoencoderKL needs ddconfig.double_z: true (the encoder must output a mean and a log-variance)")
+        for key, expected in SD_V1_VAE.items():
+            if ddconfig.get(key, expected) != expected:
+                raise ValueError(f"AutoencoderKL: ddconfig.{key}={ddconfig[key]} is not supported (only the SD v1 "
+                                 f"VAE is); use {key}: {str(expected).lower()}")
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
         self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)

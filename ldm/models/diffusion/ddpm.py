@@ -81,9 +81,7 @@ class LatentDiffusion(pl.LightningModule):
         self._compiled_unet = None
         self._channels_last = False  # set by prepare_fast_path, together with the weights' layout
         self._rng_states_to_restore = None  # from a checkpoint, until training starts
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.eval()
+        self.requires_grad_(False).eval()
 
     # Frozen parts stay in eval mode even while Lightning trains (no dropout, no norm statistics).
     def train(self, mode=True):
@@ -118,11 +116,10 @@ class LatentDiffusion(pl.LightningModule):
 
     # --- training ------------------------------------------------------------------------------------
     def get_input(self, batch):
-        """Latents sampled from the VAE posterior of the batch's images, and its captions.
+        """Latents sampled from the VAE posterior of the batch's images ((b, h, w, c) in [-1, 1]), and its captions.
 
-        Images are (b, h, w, c) in [-1, 1] as the reference datasets yield them. With `fast.cache_latents` and a batch
-        that names its pictures (`index`, `flip`, as PersonalizedBase yields them), each picture's posterior is computed
-        once; the sample from it is drawn anew every step, as the reference does, so the numbers do not change."""
+        With `fast.cache_latents` and a batch that names its pictures (`index`, `flip`), each picture's posterior is
+        computed once; the sample from it is drawn anew every step, as the reference does: the numbers do not change."""
         z = self.get_first_stage_encoding(self._posterior(batch))
         return z, list(batch[self.cond_stage_key])
 
