@@ -43,14 +43,10 @@ def ddim_schedule(alphas_cumprod, timesteps, eta=0.0):
 
 
 def ddim_step(x, eps, a_t, a_prev, sigma=0.0, noise=None):
-    """One DDIM update from noise level `a_t` to `a_prev` (floats); returns `(x_prev, pred_x0)`."""
+    """One DDIM update from noise level `a_t` to `a_prev` (floats; `noise` like x when sigma > 0): (x_prev, pred_x0)."""
     pred_x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     x_prev = math.sqrt(a_prev) * pred_x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps
-    if sigma > 0:
-        if noise is None:
-            raise ValueError("a DDIM step with sigma > 0 needs `noise` (standard normal, shaped like x)")
-        x_prev = x_prev + sigma * noise
-    return x_prev, pred_x0
+    return (x_prev + sigma * noise if sigma > 0 else x_prev), pred_x0
 
 
 @torch.no_grad()

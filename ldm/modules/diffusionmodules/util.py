@@ -55,12 +55,9 @@ class GroupNorm32(nn.GroupNorm):
 
 
 def checkpoint(func, inputs, enabled, training=False):
-    """func(*inputs), recomputing its activations during backward instead of storing them when `enabled`.
-
-    Only worth it (and only done) while autograd records a graph through this block: grad mode on and either
-    the module trains or an input needs a gradient (CatVersion: the frozen UNet back-propagates into the
-    text conditioning).
-    """
+    """func(*inputs), recomputing its activations during backward instead of storing them when `enabled` and autograd
+    records a graph through this block: grad mode on and the module trains or an input needs a gradient (CatVersion:
+    the frozen UNet back-propagates into the text conditioning)."""
     needs_graph = training or any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
     if enabled and torch.is_grad_enabled() and needs_graph:
         return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
