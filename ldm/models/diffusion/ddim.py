@@ -114,8 +114,7 @@ class DDIMSampler:
                 intermediates["x_inter"].append(step["x"])
                 intermediates["pred_x0"].append(step["pred_x0"])
 
-        samples = self._sample(eps_fn, x_T, S, eta, on_step, verbose)
-        return samples, intermediates
+        return self._sample(eps_fn, x_T, S, eta, on_step, verbose), intermediates
 
     def _sample(self, eps_fn, x_T, num_steps, eta, callback, progress):
         return sample_ddim(eps_fn, x_T, self.model.alphas_cumprod, num_steps, eta=eta, callback=callback,

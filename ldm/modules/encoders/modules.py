@@ -28,6 +28,7 @@ AUTHORS_CONFIG, AUTHORS_WEIGHTS, OUR_WEIGHTS = "adapter_config.json", "pytorch_a
 _AUTHORS_TAIL = "prefix_tunings.prefix_tuning1.clip_text_model_self_prefix.control_trans"
 _AUTHORS_LAYER_KEY = "text_model.encoder.layers.{}.self_attn.prefix_tuning.pool." + _AUTHORS_TAIL
 _AUTHORS_POOL_KEY = "prefix_tuning." + _AUTHORS_TAIL
+_ANOTHER_MODEL = "was it trained for another base model?"
 _CONCAT_KV_KNOBS = ("layers", "num_tokens", "init", "logit_bias", "strength", "concepts")
 
 
@@ -163,15 +164,11 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def _attach(self, adapter, trainable, source):
         if adapter.width != self.width or adapter.heads != self.heads:
-            raise ValueError(
-                f"adapter {source} was made for a text encoder of width {adapter.width} with {adapter.heads} heads, "
-                f"this one has width {self.width} with {self.heads} heads; was it trained for another base model?"
-            )
+            raise ValueError(f"adapter {source} was made for a text encoder of width {adapter.width} with {adapter.heads} "
+                             f"heads, this one has width {self.width} with {self.heads} heads; {_ANOTHER_MODEL}")
         if max(adapter.layers) >= self.num_layers:
-            raise ValueError(
-                f"adapter {source} covers layers {adapter.layers}, but this text encoder has layers 0-{self.num_layers - 1}; "
-                "was it trained for another base model?"
-            )
+            raise ValueError(f"adapter {source} covers layers {adapter.layers}, but this text encoder has layers "
+                             f"0-{self.num_layers - 1}; {_ANOTHER_MODEL}")
         p = next(self.transformer.parameters())
         adapter.to(device=p.device, dtype=p.dtype)
         adapter.control_trans.requires_grad_(trainable)
@@ -231,22 +228,20 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def _authors_layers(self, path, numel, knobs):
         """Layer set of a file without our metadata: from the number of floats, the deepest layers (or leave_out)."""
-        per_layer = 2 * self.width * knobs["num_tokens"]
+        tokens = knobs["num_tokens"]
+        per_layer = 2 * self.width * tokens
         if numel % per_layer:
-            raise ValueError(
-                f"adapter {path} has {numel} numbers, which is not a multiple of 2*{self.width}*{knobs['num_tokens']} for this "
-                f"text encoder (width {self.width}, {knobs['num_tokens']} token(s)); was it trained for another base model?"
-            )
+            raise ValueError(f"adapter {path} has {numel} numbers, which is not a multiple of 2*{self.width}*{tokens} for "
+                             f"this text encoder (width {self.width}, {tokens} token(s)); {_ANOTHER_MODEL}")
         n = numel // per_layer
         if n > self.num_layers:
-            raise ValueError(
-                f"adapter {path} has {numel} numbers = {n} layers x 2 x width {self.width} x {knobs['num_tokens']} token(s), "
-                f"but this text encoder has {self.num_layers} layers; was it trained for another base model?"
-            )
-        leave_out = knobs.get("leave_out") or []
+            raise ValueError(f"adapter {path} has {numel} numbers = {n} layers x 2 x width {self.width} x {tokens} "
+                             f"token(s), but this text encoder has {self.num_layers} layers; {_ANOTHER_MODEL}")
+        leave_out = knobs.get("leave_out")
         layers = [i for i in range(self.num_layers) if i not in leave_out] if leave_out else list(range(self.num_layers - n, self.num_layers))
         if len(layers) != n:
-            raise ValueError(f"adapter {path} has {n} layers of numbers but its adapter_config.json leave_out keeps {len(layers)}; the files do not belong together")
+            raise ValueError(f"adapter {path} has {n} layers of numbers but its adapter_config.json leave_out keeps "
+                             f"{len(layers)}; the files do not belong together")
         return layers
 
 
