@@ -133,7 +133,6 @@ def test_half_precision_weights_answer_in_the_callers_dtype():
         ({"context_dim": None}, "context_dim is required"),
         ({"num_head_channels": 8}, "num_head_channels=8 is not supported"),
         ({"num_heads": -1}, "num_heads=-1 is invalid"),
-        ({"use_fp17": True}, "unknown option 'use_fp17'"),
     ],
 )
 def test_unsupported_options_are_refused(overrides, message):

@@ -1,7 +1,7 @@
 """The SD v1 KL autoencoder (first stage): images <-> 4-channel latents, inference only.
 
 The reference class is a Lightning module with its training losses and GAN discriminator; SD keeps it frozen,
-so this is a plain nn.Module with the same constructor and state-dict keys (trained only by the toy world).
+so this is a plain nn.Module with the same constructor and state-dict keys, and the loss config is ignored.
 """
 from torch import nn
 
@@ -9,15 +9,18 @@ from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.weights import read_tensors
 
-
 # ddconfig values of the SD v1 VAE that the reference lets vary and this VAE does not build otherwise.
 SD_V1_VAE = {"attn_resolutions": [], "resamp_with_conv": True, "double_z": True}
 
 
 class AutoencoderKL(nn.Module):
-    # `ignored`: the reference's training-only keys (lossconfig, image_key, monitor, ...).
-    def __init__(self, ddconfig, embed_dim=4, ckpt_path=None, ignore_keys=(), **ignored):
+    """`lossconfig`, `image_key` and `monitor` are accepted for config compatibility and unused (no training here)."""
+
+    def __init__(self, ddconfig, lossconfig=None, embed_dim=4, ckpt_path=None, ignore_keys=(), image_key="image",
+                 colorize_nlabels=None, monitor=None):
         super().__init__()
+        if colorize_nlabels is not None:
+            raise ValueError("colorize_nlabels is for segmentation autoencoders, not SD's; remove it from the config")
         for key, expected in SD_V1_VAE.items():
             if ddconfig.get(key, expected) != expected:
                 raise ValueError(f"AutoencoderKL: ddconfig.{key}={ddconfig[key]} is not supported (only the SD v1 "

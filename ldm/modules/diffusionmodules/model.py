@@ -78,10 +78,11 @@ def _run_mid(mid, h):
 class Encoder(nn.Module):
     """Image (b, in_channels, H, W) -> moments (b, 2*z_channels, H/f, W/f), f = 2 ** (len(ch_mult) - 1).
 
-    Takes the whole `ddconfig` (as the reference does): the decoder's keys land in `unused`.
+    Takes the whole `ddconfig` (as the reference does); `out_ch` and `resolution` are the decoder's business.
     """
 
-    def __init__(self, *, ch, ch_mult=(1, 2, 4, 8), num_res_blocks, dropout=0.0, in_channels, z_channels, **unused):
+    def __init__(self, *, ch, out_ch, ch_mult=(1, 2, 4, 8), num_res_blocks, attn_resolutions, dropout=0.0,
+                 resamp_with_conv=True, in_channels, resolution, z_channels, double_z=True):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -113,7 +114,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent (b, z_channels, h, w) -> image (b, out_ch, h*f, w*f). Takes the whole `ddconfig`."""
 
-    def __init__(self, *, ch, out_ch, ch_mult=(1, 2, 4, 8), num_res_blocks, dropout=0.0, z_channels, **unused):
+    def __init__(self, *, ch, out_ch, ch_mult=(1, 2, 4, 8), num_res_blocks, attn_resolutions, dropout=0.0,
+                 resamp_with_conv=True, in_channels, resolution, z_channels, double_z=True):
         super().__init__()
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)

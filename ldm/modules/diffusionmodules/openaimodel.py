@@ -59,25 +59,28 @@ class TimestepEmbedSequential(nn.Sequential):
 # Options of the reference's UNet that SD v1 leaves at these values; anything else is refused.
 SD_V1_ONLY = {"conv_resample": True, "dims": 2, "num_classes": None, "use_scale_shift_norm": False,
               "resblock_updown": False, "use_spatial_transformer": True, "n_embed": None, "num_head_channels": -1}
-# Accepted for config compatibility and without effect: in the reference they only matter for head-width arithmetic
-# or attention blocks that SD v1 does not use, and precision is chosen by the caller (`.half()`, autocast).
-NO_EFFECT = ("image_size", "legacy", "num_heads_upsample", "use_new_attention_order", "use_fp16")
 
 
 class UNetModel(nn.Module):
-    """The SD v1 UNet; the constructor takes the CompVis `unet_config.params`."""
+    """The SD v1 UNet; the constructor takes the CompVis `unet_config.params` (every key named, so that configs are
+    checked against this signature when they load).
+
+    `image_size`, `legacy`, `num_heads_upsample`, `use_new_attention_order` and `use_fp16` have no effect: in the
+    reference they only matter for head-width arithmetic or attention blocks that SD v1 does not use, and precision
+    is chosen by the caller (`.half()`, autocast).
+    """
 
     def __init__(self, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions, dropout=0,
-                 channel_mult=(1, 2, 4, 8), use_checkpoint=False, num_heads=-1, transformer_depth=1, context_dim=None,
-                 **options):
+                 channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, num_classes=None, use_checkpoint=False,
+                 use_fp16=False, num_heads=-1, num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=False,
+                 resblock_updown=False, use_new_attention_order=False, use_spatial_transformer=False,
+                 transformer_depth=1, context_dim=None, n_embed=None, legacy=True, image_size=None):
         super().__init__()
-        # The reference's default for use_spatial_transformer is False: a config must ask for SD's transformer.
-        for name, value in {"use_spatial_transformer": False, **options}.items():
-            if name not in SD_V1_ONLY and name not in NO_EFFECT:
-                raise ValueError(f"UNetModel: unknown option {name!r}; remove it from unet_config.params")
-            if value != SD_V1_ONLY.get(name, value):
-                raise ValueError(f"UNetModel: {name}={value!r} is not supported (only the SD v1 UNet is); "
-                                 f"use {name}={SD_V1_ONLY[name]!r}")
+        given = locals()
+        for name, expected in SD_V1_ONLY.items():
+            if given[name] != expected:
+                raise ValueError(f"UNetModel: {name}={given[name]!r} is not supported (only the SD v1 UNet is); "
+                                 f"use {name}={expected!r}")
         if context_dim is None:
             raise ValueError("UNetModel: context_dim is required with a spatial transformer; SD v1 uses context_dim: 768")
         if num_heads < 1:
