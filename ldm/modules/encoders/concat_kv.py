@@ -83,10 +83,6 @@ class ConcatKV(nn.Module):
             return k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
         return k[concept], v[concept]
 
-    def extra_repr(self):
-        return (f"layers={self.layers}, num_tokens={self.num_tokens}, logit_bias={self.logit_bias}, strength={self.strength}"
-                f", concepts={self.concepts}")
-
 
 def concat_kv_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, catversion_kv=None, **kwargs):
     """transformers attention function: SDPA over [extra K/V of all active adapters, then the layer's own K/V]."""
