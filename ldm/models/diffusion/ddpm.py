@@ -116,10 +116,11 @@ class LatentDiffusion(pl.LightningModule):
 
     # --- training ------------------------------------------------------------------------------------
     def get_input(self, batch):
-        """Latents sampled from the VAE posterior of the batch's images ((b, h, w, c) in [-1, 1]), and its captions.
+        """Latents sampled from the VAE posterior of the batch's images, and its captions.
 
-        With `fast.cache_latents` and a batch that names its pictures (`index`, `flip`), each picture's posterior is
-        computed once; the sample from it is drawn anew every step, as the reference does: the numbers do not change."""
+        Images are (b, h, w, c) in [-1, 1] as the reference datasets yield them. With `fast.cache_latents` and a batch
+        that names its pictures (`index`, `flip`), each picture's posterior is computed once; the sample from it is
+        drawn anew every step, as the reference does: the numbers do not change."""
         z = self.get_first_stage_encoding(self._posterior(batch))
         return z, list(batch[self.cond_stage_key])
 
