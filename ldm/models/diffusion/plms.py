@@ -12,15 +12,12 @@ _ADAMS_BASHFORTH = {1: ((3, -1), 2), 2: ((23, -16, 5), 12), 3: ((55, -59, 37, -9
 
 @torch.no_grad()
 def sample_plms(eps_fn, x_T, alphas_cumprod, num_steps, callback=None, progress=True):
-    """Run PLMS from `x_T` down to a sample at level 0; deterministic (PLMS has no eta).
+    """Run PLMS from `x_T` down to a sample at level 0 on DDIM's timesteps and noise levels; deterministic.
 
-    Timesteps and noise levels are DDIM's (see `ddim_timesteps`). Each step is a DDIM eta=0 step
-    whose eps is extrapolated from the eps of earlier steps: Adams-Bashforth of order 2, 3, 4 once
-    1, 2, 3 earlier eps exist. The first step has no history, so it is a pseudo improved Euler step:
-    a trial DDIM step to the next selected timestep, eps evaluated there, and the real step taken
-    with the mean of both eps. That costs one extra model call (num_steps + 1 in all), and the trial
-    eps never enters the history. `callback` gets `{"i", "t", "x", "pred_x0"}` after each step.
-    """
+    Each step is a DDIM eta=0 step with eps extrapolated from earlier steps' (Adams-Bashforth of order 2, 3, 4 once 1,
+    2, 3 exist). The first is a pseudo improved Euler step: a trial DDIM step to the next timestep, eps evaluated there,
+    the real step taken with the mean of both eps (one extra model call; the trial eps never enters the history).
+    `callback` gets `{"i", "t", "x", "pred_x0"}` after each step."""
     timesteps = ddim_timesteps(num_steps, len(alphas_cumprod))
     alphas, alphas_prev, _ = ddim_schedule(alphas_cumprod, timesteps)
     x, old_eps = x_T, []

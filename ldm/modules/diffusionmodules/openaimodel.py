@@ -62,13 +62,10 @@ SD_V1_ONLY = {"conv_resample": True, "dims": 2, "num_classes": None, "use_scale_
 
 
 class UNetModel(nn.Module):
-    """The SD v1 UNet; the constructor takes the CompVis `unet_config.params` (every key named, so that configs are
-    checked against this signature when they load).
+    """The SD v1 UNet from the CompVis `unet_config.params`, every key named (configs are checked against it).
 
-    `image_size`, `legacy`, `num_heads_upsample`, `use_new_attention_order` and `use_fp16` have no effect: in the
-    reference they only matter for head-width arithmetic or attention blocks that SD v1 does not use, and precision
-    is chosen by the caller (`.half()`, autocast).
-    """
+    `image_size`, `legacy`, `num_heads_upsample`, `use_new_attention_order` and `use_fp16` have no effect: they only
+    matter for head widths or attention blocks that SD v1 lacks, and the caller chooses the precision."""
 
     def __init__(self, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions, dropout=0,
                  channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, num_classes=None, use_checkpoint=False,

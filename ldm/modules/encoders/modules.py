@@ -35,12 +35,10 @@ _CONCAT_KV_KNOBS = ("layers", "num_tokens", "init", "logit_bias", "strength", "c
 class FrozenCLIPEmbedder(nn.Module):
     """Prompts -> CLIP `last_hidden_state` (b, 77, width), frozen; optional CatVersion adapters.
 
-    Adapters are kept out of `state_dict()` (so base checkpoints stay clean) and out of `parameters()`
-    (train them through `adapter_parameters()`); they do follow `.to()`/`.half()`/`.cuda()`.
-    The first adapter is the trainable one (built from `concat_kv`, or loaded with `stack=False`);
-    adapters loaded with `stack=True` are further concepts, frozen, active together with it.
-    A trainable adapter of several concepts (`concat_kv.concepts`) conditions each batch row through its own concept:
-    the encoding methods then take `concepts`, one concept index per row.
+    Adapters stay out of `state_dict()` (base checkpoints stay clean) and `parameters()` (train them through
+    `adapter_parameters()`), but follow `.to()`. The first is the trainable one (from `concat_kv`, or loaded with
+    `stack=False`); `stack=True` adds further concepts, frozen, active together with it. With an adapter of several
+    concepts (`concat_kv.concepts`) the encoding methods take `concepts`, each batch row's concept index.
     """
 
     def __init__(self, text_config=None, max_length=77, concat_kv=None, freeze=True, **ignored):
