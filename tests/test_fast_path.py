@@ -205,7 +205,8 @@ def test_bad_fast_options_are_refused(tiny_finetune_model):
     m = tiny_finetune_model
     with pytest.raises(ValueError, match=r"unknown fast option\(s\) \['cache_latent'\]; known: \['cache_latents'"):
         m.check_fast_options({"cache_latent": True})
-    with pytest.raises(ValueError, match="fast.precision must be fp32, bf16 or auto, got 'fp16'; .*lightning.trainer.precision: 16-mixed"):
+    with pytest.raises(ValueError, match="fast.precision must be fp32, bf16 or auto, got 'fp16'; "
+                                         ".*lightning.trainer.precision: 16-mixed"):
         m.check_fast_options({"precision": "fp16"})
     with pytest.raises(ValueError, match="fast.channels_last must be true, false or auto, got 'yes'"):
         m.check_fast_options({"channels_last": "yes"})

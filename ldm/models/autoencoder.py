@@ -36,10 +36,9 @@ class AutoencoderKL(nn.Module):
                      if not k.startswith("loss.") and not any(k.startswith(p) for p in ignore_keys)}
             missing, unexpected = self.load_state_dict(state, strict=False)
             if missing or unexpected:
-                raise ValueError(
-                    f"{ckpt_path} does not fit AutoencoderKL ({len(missing)} missing keys, e.g. {missing[:2]}; "
-                    f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); pass a VAE checkpoint made for this ddconfig"
-                )
+                raise ValueError(f"{ckpt_path} does not fit AutoencoderKL ({len(missing)} missing keys, e.g. "
+                                 f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); pass a VAE "
+                                 "checkpoint made for this ddconfig")
 
     def encode(self, x):
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))

@@ -47,7 +47,8 @@ class FrozenCLIPEmbedder(nn.Module):
         self.transformer = CLIPTextModel._from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
         self.tokenizer = build_clip_tokenizer(max_length)
         self.max_length = max_length
-        self.width, self.heads, self.num_layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
+        self.width, self.heads = config.hidden_size, config.num_attention_heads
+        self.num_layers = config.num_hidden_layers
         self.frozen = freeze
         if freeze:
             self.transformer.eval().requires_grad_(False)
@@ -162,18 +163,16 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def _attach(self, adapter, trainable, source):
         if adapter.width != self.width or adapter.heads != self.heads:
-            raise ValueError(f"adapter {source} was made for a text encoder of width {adapter.width} with {adapter.heads} "
-                             f"heads, this one has width {self.width} with {self.heads} heads; {_ANOTHER_MODEL}")
+            raise ValueError(f"adapter {source} was made for a text encoder of width {adapter.width} with "
+                             f"{adapter.heads} heads, this one has width {self.width} with {self.heads} heads; "
+                             f"{_ANOTHER_MODEL}")
         if max(adapter.layers) >= self.num_layers:
             raise ValueError(f"adapter {source} covers layers {adapter.layers}, but this text encoder has layers "
                              f"0-{self.num_layers - 1}; {_ANOTHER_MODEL}")
         p = next(self.transformer.parameters())
         adapter.to(device=p.device, dtype=p.dtype)
         adapter.control_trans.requires_grad_(trainable)
-        if trainable:
-            self._adapters = [adapter]
-        else:
-            self._adapters.append(adapter)
+        self._adapters = [adapter] if trainable else [*self._adapters, adapter]
 
     def adapter_save(self, directory, metadata=None, concept=0):
         """Write the trainable adapter (its concept `concept`) to `directory` in the authors' format and as
@@ -195,8 +194,7 @@ class FrozenCLIPEmbedder(nn.Module):
         }
         authors = {**{_AUTHORS_LAYER_KEY.format(i): flat for i in a.layers}, _AUTHORS_POOL_KEY: flat}
         ours = {"layers": json.dumps(a.layers), "num_tokens": str(a.num_tokens), "logit_bias": repr(a.logit_bias),
-                "width": str(a.width), "heads": str(a.heads)}
-        ours.update({str(k): str(v) for k, v in (metadata or {}).items()})
+                "width": str(a.width), "heads": str(a.heads), **{str(k): str(v) for k, v in (metadata or {}).items()}}
         os.makedirs(directory, exist_ok=True)
         atomic_write(os.path.join(directory, AUTHORS_CONFIG),
                      lambda p: Path(p).write_text(json.dumps(config, indent=2), encoding="utf-8"))
@@ -229,8 +227,8 @@ class FrozenCLIPEmbedder(nn.Module):
         tokens = knobs["num_tokens"]
         per_layer = 2 * self.width * tokens
         if numel % per_layer:
-            raise ValueError(f"adapter {path} has {numel} numbers, which is not a multiple of 2*{self.width}*{tokens} for "
-                             f"this text encoder (width {self.width}, {tokens} token(s)); {_ANOTHER_MODEL}")
+            raise ValueError(f"adapter {path} has {numel} numbers, which is not a multiple of 2*{self.width}*{tokens} "
+                             f"for this text encoder (width {self.width}, {tokens} token(s)); {_ANOTHER_MODEL}")
         n = numel // per_layer
         if n > self.num_layers:
             raise ValueError(f"adapter {path} has {numel} numbers = {n} layers x 2 x width {self.width} x {tokens} "
