@@ -79,8 +79,7 @@ class EmbeddingManager(nn.Module):
                 self._vectors[s] = nn.Parameter(torch.rand(self.num_vectors, embedding.embedding_dim))
                 self._initial[s] = None
         self._reinitialise()
-        p = embedding.weight
-        self._vectors.to(device=p.device, dtype=p.dtype)
+        self._vectors.to(embedding.weight)  # its device and dtype
         # The post hook sits on the whole embedding layer: it runs once token AND position embeddings are loaded.
         self._hooks = [embedding.register_forward_hook(self._replace),
                        embedder.transformer.embeddings.register_load_state_dict_post_hook(

@@ -169,8 +169,7 @@ class FrozenCLIPEmbedder(nn.Module):
         if max(adapter.layers) >= self.num_layers:
             raise ValueError(f"adapter {source} covers layers {adapter.layers}, but this text encoder has layers "
                              f"0-{self.num_layers - 1}; {_ANOTHER_MODEL}")
-        p = next(self.transformer.parameters())
-        adapter.to(device=p.device, dtype=p.dtype)
+        adapter.to(next(self.transformer.parameters()))  # its device and dtype
         adapter.control_trans.requires_grad_(trainable)
         self._adapters = [adapter] if trainable else [*self._adapters, adapter]
 
