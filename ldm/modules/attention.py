@@ -57,23 +57,14 @@ class GEGLU(nn.Module):
         return x * F.gelu(gate)
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim, mult=4, dropout=0.0):
-        super().__init__()
-        inner_dim = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim))
-
-    def forward(self, x):
-        return self.net(x)
-
-
 class BasicTransformerBlock(nn.Module):
     """Pre-norm residual block: self-attention (attn1), cross-attention to the context (attn2), feed-forward."""
 
     def __init__(self, dim, n_heads, d_head, dropout=0.0, context_dim=None, checkpoint=False):
         super().__init__()
         self.attn1 = CrossAttention(dim, heads=n_heads, dim_head=d_head, dropout=dropout)
-        self.ff = FeedForward(dim, dropout=dropout)
+        self.ff = nn.Module()  # a namespace for the CompVis keys `ff.net.0.proj`, `ff.net.2`
+        self.ff.net = nn.Sequential(GEGLU(dim, dim * 4), nn.Dropout(dropout), nn.Linear(dim * 4, dim))
         self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
@@ -86,7 +77,7 @@ class BasicTransformerBlock(nn.Module):
     def _forward(self, x, context):
         x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context=context) + x
-        return self.ff(self.norm3(x)) + x
+        return self.ff.net(self.norm3(x)) + x
 
 
 class SpatialTransformer(nn.Module):
