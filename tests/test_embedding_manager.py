@@ -107,7 +107,7 @@ def test_save_load_round_trip_and_weights_only_file(tmp_path):
     assert torch.equal(state["string_to_param"]["*"], manager.embedding_parameters()[0].detach())
     fresh = _twin(enc)
     loaded = load_embeddings_into(fresh, path)
-    assert loaded.num_vectors_of("*") == 2
+    assert loaded.embedding_parameters()[0].shape == (2, 64)
     prompts = ["a photo of *", "* on grass"]
     with torch.no_grad():
         assert torch.equal(fresh.encode(prompts), enc.encode(prompts))

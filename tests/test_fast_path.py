@@ -151,7 +151,7 @@ def test_checkpointing_and_channels_last_change_no_number(tiny_finetune_model, d
     ref_loss, ref_grad = train_step(m, batch, seed=3)
     use(m, gradient_checkpointing=True, channels_last=True)
     resblock = m.model.diffusion_model.middle_block[0]
-    assert resblock.use_checkpoint and m.model.diffusion_model.middle_block[1].transformer_blocks[0].checkpoint
+    assert resblock.use_checkpoint and m.model.diffusion_model.middle_block[1].transformer_blocks[0].use_checkpoint
     assert resblock.in_layers[2].weight.is_contiguous(memory_format=torch.channels_last)
     calls = CallCounter([resblock.in_layers])
     loss, grad = train_step(m, batch, seed=3)
@@ -205,7 +205,8 @@ def test_bad_fast_options_are_refused(tiny_finetune_model):
     m = tiny_finetune_model
     with pytest.raises(ValueError, match=r"unknown fast option\(s\) \['cache_latent'\]; known: \['cache_latents'"):
         m.check_fast_options({"cache_latent": True})
-    with pytest.raises(ValueError, match="fast.precision 'fp16' is not one of .*lightning.trainer.precision: 16-mixed"):
+    with pytest.raises(ValueError, match="fast.precision must be fp32, bf16 or auto, got 'fp16'; "
+                                         ".*lightning.trainer.precision: 16-mixed"):
         m.check_fast_options({"precision": "fp16"})
     with pytest.raises(ValueError, match="fast.channels_last must be true, false or auto, got 'yes'"):
         m.check_fast_options({"channels_last": "yes"})

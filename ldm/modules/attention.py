@@ -9,12 +9,6 @@ from torch import nn
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
 
 
-def _memory_format(x):
-    """channels_last for an NHWC-strided (b, c, h, w) tensor, else the default layout."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 class CrossAttention(nn.Module):
     """Multi-head attention from `query_dim` tokens to `context_dim` tokens (to themselves when context is None)."""
 
@@ -63,36 +57,27 @@ class GEGLU(nn.Module):
         return x * F.gelu(gate)
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim, mult=4, dropout=0.0):
-        super().__init__()
-        inner_dim = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim))
-
-    def forward(self, x):
-        return self.net(x)
-
-
 class BasicTransformerBlock(nn.Module):
     """Pre-norm residual block: self-attention (attn1), cross-attention to the context (attn2), feed-forward."""
 
     def __init__(self, dim, n_heads, d_head, dropout=0.0, context_dim=None, checkpoint=False):
         super().__init__()
         self.attn1 = CrossAttention(dim, heads=n_heads, dim_head=d_head, dropout=dropout)
-        self.ff = FeedForward(dim, dropout=dropout)
+        self.ff = nn.Module()  # a namespace for the CompVis keys `ff.net.0.proj`, `ff.net.2`
+        self.ff.net = nn.Sequential(GEGLU(dim, dim * 4), nn.Dropout(dropout), nn.Linear(dim * 4, dim))
         self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
-        self.checkpoint = checkpoint
+        self.use_checkpoint = checkpoint
 
     def forward(self, x, context=None):
-        return checkpoint(self._forward, (x, context), self.checkpoint, self.training)
+        return checkpoint(self._forward, (x, context), self.use_checkpoint, self.training)
 
     def _forward(self, x, context):
         x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context=context) + x
-        return self.ff(self.norm3(x)) + x
+        return self.ff.net(self.norm3(x)) + x
 
 
 class SpatialTransformer(nn.Module):
@@ -118,5 +103,7 @@ class SpatialTransformer(nn.Module):
             x = block(x, context=context)
         # Back to (b, c, h, w) in the input's memory layout: the bare view is NHWC-strided, and every convolution and
         # norm after it would convert layouts (UNet forward+backward 1.6x slower on a CPU).
-        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=_memory_format(x_in))
+        nhwc = x_in.is_contiguous(memory_format=torch.channels_last) and not x_in.is_contiguous()
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        x = x.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         return self.proj_out(x) + x_in

@@ -1,38 +1,18 @@
 """Textual Inversion (Gal et al., arXiv 2208.01618), the word-embedding baseline CatVersion is compared against.
 
-A placeholder string (the reference's `*`) names the concept; its token's input embedding is replaced by learned
-vectors while everything else stays frozen. Train with `configs/*/v1-finetune-textual-inversion.yaml` through the
-same `main.py`; prompts then use the placeholder: `a photo of * on the beach`.
+A forward hook on CLIP's token embedding puts learned vectors in place of each placeholder token (the reference's
+`*`), before the position embeddings are added, where the reference's `EmbeddingManager` works. Placeholder and
+initializer must each be ONE CLIP token. With n vectors per placeholder its position becomes n positions, the rest
+of the prompt moves right and is cut back to 77 tokens, as in the reference.
 
-How the vectors get in: `attach(embedder)` registers a forward hook on the CLIP text encoder's token embedding
-(`transformer.embeddings.token_embedding`). The hook sees the token ids and the looked-up embeddings and puts the
-learned vectors in place of every placeholder token, before the position embeddings are added, exactly where
-the reference's `EmbeddingManager` works. The placeholder and initializer strings must each be ONE CLIP token
-(`*`, `sks`, `circle` are; `teddybear` is two).
+The vectors stay out of `state_dict()` and `parameters()` (SD checkpoints load strictly; LatentDiffusion's freezing
+leaves them trainable) but follow `.to()`. Start value: the initializer word's embedding (`torch.rand` without one),
+by default PLUS the position-0 embedding, the reference's quirk (it ran the word through the whole embedding layer).
+Vectors still at their start value are re-initialised whenever the embedding layer is (re)loaded, since a
+LatentDiffusion attaches the manager before the SD weights are loaded.
 
-Several vectors per placeholder (`num_vectors_per_token: n`) work as in the reference: the placeholder's single
-position becomes n consecutive positions holding the n vectors, the tokens after it move n - 1 places to the
-right, and the sequence is cut back to its length (77), so the last padding tokens fall off. `expand_ids` gives
-the token ids as the text encoder then sees them position by position (the placeholder id repeated n times).
-
-The vectors are kept out of `state_dict()` and `parameters()`, like CatVersion's adapters (so SD checkpoints load
-strictly and stay clean, and LatentDiffusion's freezing of its parameters leaves them trainable); train them
-through `embedding_parameters()`. They follow `.to()`/`.half()`/`.cuda()` of the module that holds the manager.
-Each vector starts as the initializer word's embedding; a placeholder without initializer word starts as
-`torch.rand`, as in the reference. Reference quirk, kept by default (`init_with_position_embedding: true`): the
-reference computed the start value by running the initializer token alone through CLIP's embedding layer, so it is
-the token embedding PLUS the position embedding of position 0; the vector then replaces a token embedding, to which
-each position's embedding is added again. `false` starts from the token embedding alone. Since a LatentDiffusion
-attaches the manager before the SD weights are loaded, vectors still at their initial value are re-initialised
-whenever the text encoder's embedding layer is (re)loaded, so they start from the real word embedding.
-
-File format (`save`/`load`, the reference's `embeddings.pt`): `torch.save` of
-`{"string_to_token": {string: 0-dim int64 tensor}, "string_to_param": {string: float32 tensor (n, width)}}`.
-It is always read with `weights_only=True`; the reference stored `string_to_param` as an `nn.ParameterDict`,
-which is accepted by allowing exactly that class to the weights-only unpickler.
-
-From txt2img: `load_embeddings_into(model.cond_stage_model, "embeddings.pt")` makes a model built from the plain
-inference config understand the placeholder(s) of that file.
+`embeddings.pt` is the reference's format: `{"string_to_token": {s: 0-dim int64}, "string_to_param": {s: (n, width)}}`,
+read with `weights_only=True` (the reference's `nn.ParameterDict` is allowed by name).
 """
 import os
 
@@ -61,23 +41,19 @@ class EmbeddingManager(nn.Module):
         self.placeholder_strings = placeholder_strings
         self.initializer_words = dict(zip(placeholder_strings, initializer_words))
         self.init_with_position_embedding = bool(init_with_position_embedding)
-        self.num_vectors = {s: int(num_vectors_per_token) for s in placeholder_strings}
-        self.string_to_token = {}
+        self.num_vectors = int(num_vectors_per_token)
+        self.string_to_token, self._init_tokens, self._hooks = {}, {}, []
         # Unregistered on purpose (see the module docstring); `_apply` carries them along.
         self.__dict__["_vectors"] = nn.ParameterDict()
-        # string -> the value (on the CPU) a vector was initialised to, None before the first initialisation;
-        # no entry for vectors loaded from a file, which are never re-initialised.
+        # string -> the value (on the CPU) a vector was initialised to, None before the first initialisation
         self._initial = {}
-        self._init_tokens = {}
         self.__dict__["_embedder"] = None  # not a submodule: the text encoder belongs to the LatentDiffusion
-        self._hooks = []
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self._vectors._apply(fn, recurse)
         return self
 
-    # --- wiring into a FrozenCLIPEmbedder ------------------------------------------------------------
     def attach(self, embedder):
         """Hook into `embedder` (a FrozenCLIPEmbedder): its prompts' placeholders now get the learned vectors."""
         embedding = embedder.transformer.embeddings.token_embedding
@@ -100,11 +76,10 @@ class EmbeddingManager(nn.Module):
         self.__dict__["_embedder"] = embedder
         for s in self.placeholder_strings:
             if s not in self._vectors:
-                self._vectors[s] = nn.Parameter(torch.rand(self.num_vectors[s], embedding.embedding_dim))
+                self._vectors[s] = nn.Parameter(torch.rand(self.num_vectors, embedding.embedding_dim))
                 self._initial[s] = None
         self._reinitialise()
-        p = embedding.weight
-        self._vectors.to(device=p.device, dtype=p.dtype)
+        self._vectors.to(embedding.weight)  # its device and dtype
         # The post hook sits on the whole embedding layer: it runs once token AND position embeddings are loaded.
         self._hooks = [embedding.register_forward_hook(self._replace),
                        embedder.transformer.embeddings.register_load_state_dict_post_hook(
@@ -121,9 +96,7 @@ class EmbeddingManager(nn.Module):
     def _reinitialise(self):
         """Vectors still at their initial value start (again) from the initializer word's current embedding."""
         layer = self._embedder.transformer.embeddings
-        for s, token in self._init_tokens.items():
-            if s not in self._initial:  # loaded from a file
-                continue
+        for s, token in self._init_tokens.items():  # none for vectors loaded from a file
             initial = self._initial[s]
             if initial is not None and not torch.equal(self._vectors[s].detach().to(initial), initial):  # trained
                 continue
@@ -139,35 +112,29 @@ class EmbeddingManager(nn.Module):
             raise ValueError("the embedding manager is not attached; call attach(text_encoder) first")
         return list(self._vectors.values())
 
-    # --- the hook --------------------------------------------------------------------------------------
     def expand_ids(self, ids):
-        """Token ids (b, L) as the encoder sees them position by position: each placeholder repeated n times, cut to L."""
-        return self._expand(ids, ids, lambda token, n: torch.full((n,), token, dtype=ids.dtype, device=ids.device))
+        """Token ids (b, L) as the encoder sees them: each placeholder repeated n times, cut to L."""
+        pieces = {t: ids.new_full((len(self._vectors[s]),), t) for s, t in self.string_to_token.items()}
+        return self._expand(ids, ids, pieces)
 
     def _replace(self, module, inputs, output):
-        vectors = {self.string_to_token[s]: v.to(device=output.device, dtype=output.dtype) for s, v in self._vectors.items()}
-        return self._expand(inputs[0], output, lambda token, n: vectors[token])
+        pieces = {self.string_to_token[s]: v.to(output) for s, v in self._vectors.items()}
+        return self._expand(inputs[0], output, pieces)
 
-    def _expand(self, ids, rows, piece):
-        """Each row of `rows` with every placeholder position replaced by `piece(token, n)` (n rows), cut to L."""
-        n_of = {self.string_to_token[s]: self.num_vectors_of(s) for s in self.placeholder_strings}
-        hits = torch.isin(ids, torch.tensor(list(n_of), device=ids.device))
+    def _expand(self, ids, rows, pieces):
+        """Each row of `rows` with every placeholder position replaced by `pieces[token]` (n rows), cut to L."""
+        hits = torch.isin(ids, torch.tensor(list(pieces), device=ids.device))
         if not hits.any():
             return rows
         out = []
         for row_ids, row, row_hits in zip(ids, rows, hits):
             parts, start = [], 0
             for col in row_hits.nonzero().flatten().tolist():
-                token = int(row_ids[col])
-                parts += [row[start:col], piece(token, n_of[token])]
+                parts += [row[start:col], pieces[int(row_ids[col])]]
                 start = col + 1
             out.append(torch.cat(parts + [row[start:]])[: ids.shape[1]])
         return torch.stack(out)
 
-    def num_vectors_of(self, string):
-        return self._vectors[string].shape[0] if string in self._vectors else self.num_vectors[string]
-
-    # --- files -----------------------------------------------------------------------------------------
     def save(self, path):
         """Write the reference's `embeddings.pt` (see the module docstring), atomically."""
         state = {
@@ -179,17 +146,12 @@ class EmbeddingManager(nn.Module):
     def load(self, path):
         """Replace placeholders and vectors by those of an `embeddings.pt` (ours or the reference's)."""
         tokens, params = read_embeddings(path)
-        self.placeholder_strings = list(params)
-        self.string_to_token = tokens
-        self.num_vectors = {s: v.shape[0] for s, v in params.items()}
+        self.placeholder_strings, self.string_to_token = list(params), tokens
         self.initializer_words, self._initial = {}, {}
         self.__dict__["_vectors"] = nn.ParameterDict({s: nn.Parameter(v) for s, v in params.items()})
         if self._embedder is not None:
             self.attach(self._embedder)
         return self
-
-    def extra_repr(self):
-        return ", ".join(f"{s!r}: {self.num_vectors_of(s)} vector(s)" for s in self.placeholder_strings)
 
 
 def single_token_id(tokenizer, string, what):
@@ -227,10 +189,6 @@ def read_embeddings(path):
 
 
 def load_embeddings_into(embedder, path):
-    """Make `embedder` (a FrozenCLIPEmbedder) understand the placeholder(s) of an `embeddings.pt`; returns the manager.
-
-    For txt2img with `--embedding_path .../embeddings.pt`: the manager's hook stays on the embedder for its lifetime
-    (call `.detach()` on the returned manager to undo). Prompts must then contain the placeholder (e.g. `*`).
-    """
-    manager = EmbeddingManager(placeholder_strings=["*"]).load(path)
-    return manager.attach(embedder)
+    """Make `embedder` (a FrozenCLIPEmbedder) understand the placeholder(s) of an `embeddings.pt` (txt2img's
+    --embedding_path) until `.detach()` of the returned manager."""
+    return EmbeddingManager().load(path).attach(embedder)

@@ -1,8 +1,4 @@
-"""LatentDiffusion: frozen SD v1 (UNet, VAE, CLIP) as a Lightning module that trains only a personalization adapter.
-
-The diffusion math lives in plain functions (`ldm.modules.diffusionmodules.util`), the samplers in `ddim.py`/`plms.py`
-and the CatVersion mechanism in `ldm.modules.encoders.concat_kv`; this file only wires them together.
-"""
+"""LatentDiffusion: frozen SD v1 (UNet, VAE, CLIP) as a Lightning module that trains only a personalization adapter."""
 import os
 
 import pytorch_lightning as pl
@@ -11,6 +7,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.modules.diffusionmodules.util import make_beta_schedule
@@ -31,18 +28,8 @@ FAST_DEFAULTS = {
     # not restored; false leaves torch's own flags alone
     "tf32": False,
 }
-PRECISIONS = ("fp32", "bf16", "auto")
-
-
-class DiffusionWrapper(nn.Module):
-    """Keeps the UNet under `model.diffusion_model.` so SD checkpoint keys match."""
-
-    def __init__(self, diff_model_config):
-        super().__init__()
-        self.diffusion_model = instantiate_from_config(diff_model_config)
-
-    def forward(self, x, t, c_crossattn):
-        return self.diffusion_model(x, t, context=c_crossattn)
+FAST_VALUES = {"precision": ("fp32", "bf16", "auto"), "gradient_checkpointing": (True, False, "auto"),
+               "channels_last": (True, False, "auto")}  # the others: true or false
 
 
 def q_sample(x_start, t, noise, alphas_cumprod):
@@ -52,27 +39,11 @@ def q_sample(x_start, t, noise, alphas_cumprod):
 
 
 class LatentDiffusion(pl.LightningModule):
-    def __init__(
-        self,
-        unet_config,
-        first_stage_config,
-        cond_stage_config,
-        timesteps=1000,
-        beta_schedule="linear",
-        linear_start=0.00085,
-        linear_end=0.012,
-        first_stage_key="image",
-        cond_stage_key="caption",
-        image_size=64,
-        channels=4,
-        scale_factor=0.18215,
-        conditioning_key="crossattn",
-        parameterization="eps",
-        personalization_config=None,
-        fast=None,
-        concepts=None,
-        **ignored,  # keys of the reference's configs that mean nothing here (monitor, use_ema, log_every_t, ...)
-    ):
+    # `ignored`: keys of the reference's configs that mean nothing here (monitor, use_ema, log_every_t, ...).
+    def __init__(self, unet_config, first_stage_config, cond_stage_config, timesteps=1000, beta_schedule="linear",
+                 linear_start=0.00085, linear_end=0.012, first_stage_key="image", cond_stage_key="caption",
+                 image_size=64, channels=4, scale_factor=0.18215, conditioning_key="crossattn", parameterization="eps",
+                 personalization_config=None, fast=None, concepts=None, **ignored):
         super().__init__()
         if parameterization != "eps" or conditioning_key != "crossattn":
             raise ValueError("only epsilon prediction with cross-attention conditioning (SD v1) is supported")
@@ -88,14 +59,14 @@ class LatentDiffusion(pl.LightningModule):
                 raise ValueError("several concepts in one run need CatVersion's cond_stage_config.params.concat_kv; "
                                  "Textual Inversion trains one concept per run")
             cond_stage_config = OmegaConf.merge(cond_stage_config, {"params": {"concat_kv": {"concepts": len(concepts)}}})
-        self.model = DiffusionWrapper(unet_config)
+        self.model = nn.Module()  # keeps the UNet under `model.diffusion_model.`, as in SD checkpoints
+        self.model.diffusion_model = instantiate_from_config(unet_config)
         self.first_stage_model = instantiate_from_config(first_stage_config)
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
         # Textual Inversion baseline: learned word embeddings instead of (or besides) CatVersion's K/V.
         self.embedding_manager = None
         if personalization_config is not None:
-            self.embedding_manager = instantiate_from_config(personalization_config)
-            self.embedding_manager.attach(self.cond_stage_model)
+            self.embedding_manager = instantiate_from_config(personalization_config).attach(self.cond_stage_model)
         self.num_timesteps = timesteps
         betas = torch.as_tensor(make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end), dtype=torch.float64)
         # Derived from the config, so not part of the state dict (real checkpoints carry them; the loader ignores them).
@@ -110,9 +81,7 @@ class LatentDiffusion(pl.LightningModule):
         self._compiled_unet = None
         self._channels_last = False  # set by prepare_fast_path, together with the weights' layout
         self._rng_states_to_restore = None  # from a checkpoint, until training starts
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.eval()
+        self.requires_grad_(False).eval()
 
     # Frozen parts stay in eval mode even while Lightning trains (no dropout, no norm statistics).
     def train(self, mode=True):
@@ -123,8 +92,6 @@ class LatentDiffusion(pl.LightningModule):
 
     # --- the three frozen networks -------------------------------------------------------------------
     def get_learned_conditioning(self, prompts, concepts=None):
-        if concepts is None:
-            return self.cond_stage_model.encode(list(prompts))
         return self.cond_stage_model.encode(list(prompts), concepts)
 
     @torch.no_grad()
@@ -142,24 +109,25 @@ class LatentDiffusion(pl.LightningModule):
     def apply_model(self, x_noisy, t, cond):
         if self._channels_last:
             x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)
-        model = self._compiled_unet if self.fast["compile"] and self._compiled_unet is not None else self.model
+        compiled = self.fast["compile"] and self._compiled_unet is not None
+        unet = self._compiled_unet if compiled else self.model.diffusion_model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast_precision() == "bf16"):
-            return model(x_noisy, t, c_crossattn=cond)  # the UNet answers in x_noisy's dtype (fp32)
+            return unet(x_noisy, t, context=cond)  # the UNet answers in x_noisy's dtype (fp32)
 
     # --- training ------------------------------------------------------------------------------------
     def get_input(self, batch):
         """Latents sampled from the VAE posterior of the batch's images, and its captions.
 
         Images are (b, h, w, c) in [-1, 1] as the reference datasets yield them. With `fast.cache_latents` and a batch
-        that names its pictures (`index`, `flip`, as PersonalizedBase yields them), each picture's posterior is computed
-        once; the sample from it is drawn anew every step, as the reference does, so the numbers do not change."""
+        that names its pictures (`index`, `flip`), each picture's posterior is computed once; the sample from it is
+        drawn anew every step, as the reference does: the numbers do not change."""
         z = self.get_first_stage_encoding(self._posterior(batch))
         return z, list(batch[self.cond_stage_key])
 
     def _posterior(self, batch):
-        keys = self._latent_keys(batch)
-        if keys is None:
+        if not self.fast["cache_latents"] or "index" not in batch or "flip" not in batch:
             return self.encode_first_stage(self._images(batch))
+        keys = list(zip(_as_list(batch["index"]), (bool(f) for f in _as_list(batch["flip"]))))
         images = None
         for i, key in enumerate(keys):
             if key not in self._latent_cache:
@@ -174,11 +142,6 @@ class LatentDiffusion(pl.LightningModule):
         x = batch[self.first_stage_key]
         return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
 
-    def _latent_keys(self, batch):
-        if not self.fast["cache_latents"] or "index" not in batch or "flip" not in batch:
-            return None
-        return list(zip(_as_list(batch["index"]), (bool(f) for f in _as_list(batch["flip"]))))
-
     def get_training_conditioning(self, captions, concepts=None):
         """`get_learned_conditioning(captions, concepts)` for a training step, through the text cache with `fast.cache_text`.
 
@@ -187,7 +150,7 @@ class LatentDiffusion(pl.LightningModule):
         (CatVersion's batches repeat one caption; once per distinct caption and concept with several concepts). Not with
         a Textual Inversion embedding manager: its trainable word embeddings enter at the bottom."""
         enc = self.cond_stage_model
-        if not self.fast["cache_text"] or self.embedding_manager is not None or not hasattr(enc, "encode_from_hidden"):
+        if not self.fast["cache_text"] or self.embedding_manager is not None:
             return self.get_learned_conditioning(captions, concepts)
         start = enc.first_adapted_layer
         keys = list(zip(captions, [0] * len(captions) if concepts is None else concepts))
@@ -239,15 +202,13 @@ class LatentDiffusion(pl.LightningModule):
         unknown = sorted(set(options) - set(FAST_DEFAULTS))
         if unknown:
             raise ValueError(f"unknown fast option(s) {unknown}; known: {list(FAST_DEFAULTS)}")
-        if options["precision"] not in PRECISIONS:
-            raise ValueError(f"fast.precision {options['precision']!r} is not one of {list(PRECISIONS)}; for fp16 "
-                             "keep fp32 here and set lightning.trainer.precision: 16-mixed (its GradScaler is needed)")
-        for name in ("gradient_checkpointing", "channels_last"):
-            if options[name] not in (True, False, "auto"):
-                raise ValueError(f"fast.{name} must be true, false or auto, got {options[name]!r}")
-        for name in ("cache_latents", "cache_text", "compile", "tf32"):
-            if not isinstance(options[name], bool):
-                raise ValueError(f"fast.{name} must be true or false, got {options[name]!r}")
+        for name, value in options.items():
+            allowed = FAST_VALUES.get(name, (True, False))
+            if not any(value is a if isinstance(a, bool) else value == a for a in allowed):  # 1 is not true
+                words = [str(a).lower() for a in allowed]
+                hint = (("; for fp16 keep fp32 here and set lightning.trainer.precision: 16-mixed (its GradScaler is "
+                         "needed)") if name == "precision" else "")
+                raise ValueError(f"fast.{name} must be {', '.join(words[:-1])} or {words[-1]}, got {value!r}{hint}")
         return options
 
     def _fast_on(self, name):
@@ -266,10 +227,8 @@ class LatentDiffusion(pl.LightningModule):
         Lightning calls it when fitting starts; call it yourself after `.to(device)` when driving the model by hand."""
         checkpointing = self._fast_on("gradient_checkpointing")
         for module in self.model.modules():
-            if isinstance(module, ResBlock):
+            if isinstance(module, (ResBlock, BasicTransformerBlock)):
                 module.use_checkpoint = checkpointing
-            elif isinstance(module, BasicTransformerBlock):
-                module.checkpoint = checkpointing
         self._channels_last = self._fast_on("channels_last")
         self.model.to(memory_format=torch.channels_last if self._channels_last else torch.contiguous_format)
         self._hold_unet_weights(torch.bfloat16 if self.fast_precision() == "bf16" else torch.float32)
@@ -277,7 +236,7 @@ class LatentDiffusion(pl.LightningModule):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.fast["compile"] and self._compiled_unet is None:
             # Kept outside the module tree, so state-dict keys stay free of torch.compile's `_orig_mod.`.
-            object.__setattr__(self, "_compiled_unet", torch.compile(self.model))
+            object.__setattr__(self, "_compiled_unet", torch.compile(self.model.diffusion_model))
         return self
 
     def _hold_unet_weights(self, dtype):
@@ -301,32 +260,25 @@ class LatentDiffusion(pl.LightningModule):
     def on_before_batch_transfer(self, batch, dataloader_idx):
         # Cache keys as Python values before Lightning moves the batch: reading them back from a GPU would wait for
         # the device on every step.
-        if isinstance(batch, dict):
-            for key in ("index", "flip", "concept"):
-                if isinstance(batch.get(key), torch.Tensor):
-                    batch[key] = batch[key].tolist()
+        for key in ("index", "flip", "concept"):
+            if isinstance(batch.get(key), torch.Tensor):
+                batch[key] = batch[key].tolist()
         return batch
-
-    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
-        optimizer.zero_grad(set_to_none=True)  # no memset of gradient buffers: the next backward writes them anew
 
     def training_step(self, batch, batch_idx):
         loss = self.shared_step(batch)
-        n = max(len(self.concept_names), 1)
+        n, size = max(len(self.concept_names), 1), len(batch[self.cond_stage_key])
         # With several concepts: their mean (comparable with a one-concept run's loss), and each concept's own.
-        self.log("train/loss_simple", loss / n, prog_bar=True, on_step=True, batch_size=len(batch[self.cond_stage_key]))
+        self.log("train/loss_simple", loss / n, prog_bar=True, on_step=True, batch_size=size)
         if n > 1:
             for name, value in zip(self.concept_names, self.concept_losses):
-                self.log(f"train/loss_simple/{name}", value, on_step=True, batch_size=len(batch[self.cond_stage_key]) // n)
-        opt = self.optimizers()
-        self.log("lr-abs", opt.param_groups[0]["lr"], prog_bar=True, on_step=True, logger=True)
+                self.log(f"train/loss_simple/{name}", value, on_step=True, batch_size=size // n)
+        self.log("lr-abs", self.optimizers().param_groups[0]["lr"], prog_bar=True, on_step=True, logger=True)
         return loss
 
     def trainable_parameters(self):
-        params = list(self.cond_stage_model.adapter_parameters())
-        if self.embedding_manager is not None:
-            params += list(self.embedding_manager.embedding_parameters())
-        return params
+        extra = [] if self.embedding_manager is None else self.embedding_manager.embedding_parameters()
+        return self.cond_stage_model.adapter_parameters() + extra
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
@@ -384,8 +336,6 @@ class LatentDiffusion(pl.LightningModule):
     def log_images(self, captions, ddim_steps=50, scale=10.0, seed=0, concepts=None):
         """DDIM samples for `captions` with the learned concept(s) (row i through concept `concepts[i]`, if given) and,
         from the same noise, without."""
-        from ldm.models.diffusion.ddim import DDIMSampler
-
         n, shape = len(captions), (self.channels, self.image_size, self.image_size)
         with self.cond_stage_model.adapter_disabled():
             uc = self.get_learned_conditioning([""] * n)

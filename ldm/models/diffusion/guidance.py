@@ -3,14 +3,9 @@ import torch
 
 
 def guided_eps_fn(model, cond, uncond=None, scale=1.0):
-    """Build `eps_fn(x, t) -> eps` from a model exposing `apply_model(x, t, cond)`.
-
-    With `scale != 1` the unconditional and conditional predictions come from ONE batched call on
-    `cat([uncond, cond])` (unconditional half first, as LDM does) and are combined as
-    `uc_eps + scale * (c_eps - uc_eps)`. With `scale == 1` that formula is just `c_eps`, so the
-    unconditional half is not evaluated at all. An `uncond` of batch 1 (e.g. the reference's
-    pre-computed `uc.pt`) is broadcast to the batch of `cond`.
-    """
+    """`eps_fn(x, t) -> eps` from a model's `apply_model(x, t, cond)`: `uc_eps + scale * (c_eps - uc_eps)`, from ONE
+    batched call on `cat([uncond, cond])` (unconditional half first, as LDM). With scale 1 that is just `c_eps`: the
+    unconditional half is not evaluated. An `uncond` of batch 1 (the reference's `uc.pt`) is broadcast to `cond`'s."""
     if scale == 1.0:
         return lambda x, t: model.apply_model(x, t, cond)
     if uncond is None:

@@ -3,7 +3,7 @@
 import torch
 from tqdm import tqdm
 
-from ldm.models.diffusion.ddim import DDIMSampler, ddim_schedule, ddim_step, ddim_timesteps, timestep_batch
+from ldm.models.diffusion.ddim import DDIMSampler, ddim_schedule, ddim_step, ddim_timesteps
 
 # Adams-Bashforth weights over [eps now, eps one step ago, ...] and their denominator, keyed by the
 # number of earlier eps available. Integer weights then one division, as LDM writes them.
@@ -12,29 +12,26 @@ _ADAMS_BASHFORTH = {1: ((3, -1), 2), 2: ((23, -16, 5), 12), 3: ((55, -59, 37, -9
 
 @torch.no_grad()
 def sample_plms(eps_fn, x_T, alphas_cumprod, num_steps, callback=None, progress=True):
-    """Run PLMS from `x_T` down to a sample at level 0; deterministic (PLMS has no eta).
+    """Run PLMS from `x_T` down to a sample at level 0 on DDIM's timesteps and noise levels; deterministic.
 
-    Timesteps and noise levels are DDIM's (see `ddim_timesteps`). Each step is a DDIM eta=0 step
-    whose eps is extrapolated from the eps of earlier steps: Adams-Bashforth of order 2, 3, 4 once
-    1, 2, 3 earlier eps exist. The first step has no history, so it is a pseudo improved Euler step:
-    a trial DDIM step to the next selected timestep, eps evaluated there, and the real step taken
-    with the mean of both eps. That costs one extra model call (num_steps + 1 in all), and the trial
-    eps never enters the history. `callback` gets `{"i", "t", "x", "pred_x0"}` after each step.
-    """
+    Each step is a DDIM eta=0 step with eps extrapolated from earlier steps' (Adams-Bashforth of order 2, 3, 4 once 1,
+    2, 3 exist). The first is a pseudo improved Euler step: a trial DDIM step to the next timestep, eps evaluated there,
+    the real step taken with the mean of both eps (one extra model call; the trial eps never enters the history).
+    `callback` gets `{"i", "t", "x", "pred_x0"}` after each step."""
     timesteps = ddim_timesteps(num_steps, len(alphas_cumprod))
     alphas, alphas_prev, _ = ddim_schedule(alphas_cumprod, timesteps)
     x, old_eps = x_T, []
     for i, idx in enumerate(tqdm(range(len(timesteps) - 1, -1, -1), desc="PLMS Sampler", disable=not progress)):
         t = int(timesteps[idx])
         a_t, a_prev = alphas[idx].item(), alphas_prev[idx].item()
-        eps = eps_fn(x, timestep_batch(x, t))
+        eps = eps_fn(x, x.new_full((len(x),), t, dtype=torch.long))
         if old_eps:
             weights, denominator = _ADAMS_BASHFORTH[len(old_eps)]
             eps_prime = sum(w * e for w, e in zip(weights, [eps, *reversed(old_eps)])) / denominator
         else:
             x_trial, _ = ddim_step(x, eps, a_t, a_prev)
             t_next = int(timesteps[max(idx - 1, 0)])  # with a single step, LDM re-evaluates the same t
-            eps_prime = (eps + eps_fn(x_trial, timestep_batch(x, t_next))) / 2
+            eps_prime = (eps + eps_fn(x_trial, x.new_full((len(x),), t_next, dtype=torch.long))) / 2
         x, pred_x0 = ddim_step(x, eps_prime, a_t, a_prev)
         old_eps = (old_eps + [eps])[-3:]
         if callback is not None:

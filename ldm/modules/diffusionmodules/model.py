@@ -1,23 +1,16 @@
 """Encoder and decoder of the SD v1 KL autoencoder in the CompVis layout (`first_stage_model.*` keys).
 
-Only what the SD v1 VAE uses: no timestep conditioning, attention only in the middle block
-(`attn_resolutions: []`), convolutional resampling.
+Only what the SD v1 VAE uses (`AutoencoderKL` refuses other ddconfigs): no timestep conditioning, attention only in
+the middle block, convolutional resampling.
 """
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import Upsample
+
 
 def Normalize(in_channels):
     return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6)
-
-
-class Upsample(nn.Module):
-    def __init__(self, in_channels):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Downsample(nn.Module):
@@ -70,13 +63,6 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
 
 
-def _check_ddconfig(attn_resolutions, resamp_with_conv):
-    if list(attn_resolutions):
-        raise ValueError(f"attn_resolutions={list(attn_resolutions)} is not supported (the SD v1 VAE has none); use attn_resolutions: []")
-    if not resamp_with_conv:
-        raise ValueError("resamp_with_conv=False is not supported (the SD v1 VAE resamples with convolutions); use True")
-
-
 def _mid_block(channels, dropout):
     mid = nn.Module()
     mid.block_1 = ResnetBlock(channels, channels, dropout)
@@ -98,7 +84,6 @@ class Encoder(nn.Module):
     def __init__(self, *, ch, out_ch, ch_mult=(1, 2, 4, 8), num_res_blocks, attn_resolutions, dropout=0.0,
                  resamp_with_conv=True, in_channels, resolution, z_channels, double_z=True):
         super().__init__()
-        _check_ddconfig(attn_resolutions, resamp_with_conv)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         block_in = ch
@@ -113,7 +98,7 @@ class Encoder(nn.Module):
             self.down.append(down)
         self.mid = _mid_block(block_in, dropout)
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -132,7 +117,6 @@ class Decoder(nn.Module):
     def __init__(self, *, ch, out_ch, ch_mult=(1, 2, 4, 8), num_res_blocks, attn_resolutions, dropout=0.0,
                  resamp_with_conv=True, in_channels, resolution, z_channels, double_z=True):
         super().__init__()
-        _check_ddconfig(attn_resolutions, resamp_with_conv)
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = _mid_block(block_in, dropout)

@@ -4,27 +4,13 @@ Only the variant SD v1 uses is built: 2-D, convolutional resampling, plain (not 
 a SpatialTransformer after the ResBlocks of the levels listed in `attention_resolutions`.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.diffusionmodules.util import checkpoint, normalization, timestep_embedding, zero_module
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 convolution."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+from ldm.modules.diffusionmodules.util import GroupNorm32, Upsample, checkpoint, timestep_embedding, zero_module
 
 
 class Downsample(nn.Module):
-    """A strided 3x3 convolution."""
-
     def __init__(self, channels):
         super().__init__()
         self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
@@ -40,14 +26,11 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(GroupNorm32(32, channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(
-            normalization(out_channels),
-            nn.SiLU(),
-            nn.Dropout(p=dropout),
-            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
-        )
+        self.out_layers = nn.Sequential(GroupNorm32(32, out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
@@ -73,55 +56,28 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-def _unsupported(name, value, expected):
-    if value != expected:
-        raise ValueError(f"UNetModel: {name}={value!r} is not supported (only the SD v1 UNet is); use {name}={expected!r}")
+# Options of the reference's UNet that SD v1 leaves at these values; anything else is refused.
+SD_V1_ONLY = {"conv_resample": True, "dims": 2, "num_classes": None, "use_scale_shift_norm": False,
+              "resblock_updown": False, "use_spatial_transformer": True, "n_embed": None, "num_head_channels": -1}
 
 
 class UNetModel(nn.Module):
-    """The SD v1 UNet; the constructor takes the CompVis `unet_config.params`.
+    """The SD v1 UNet from the CompVis `unet_config.params`, every key named (configs are checked against it).
 
-    Options of the reference that SD v1 leaves at their defaults raise a ValueError when set otherwise.
-    `image_size`, `legacy`, `num_heads_upsample`, `use_new_attention_order` and `use_fp16` are accepted for
-    config compatibility and have no effect: in the reference they only matter for head-width arithmetic or
-    attention blocks that SD v1 does not use, and precision is chosen by the caller (`.half()`, autocast).
-    """
+    `image_size`, `legacy`, `num_heads_upsample`, `use_new_attention_order` and `use_fp16` have no effect: they only
+    matter for head widths or attention blocks that SD v1 lacks, and the caller chooses the precision."""
 
-    def __init__(
-        self,
-        in_channels,
-        model_channels,
-        out_channels,
-        num_res_blocks,
-        attention_resolutions,
-        dropout=0,
-        channel_mult=(1, 2, 4, 8),
-        conv_resample=True,
-        dims=2,
-        num_classes=None,
-        use_checkpoint=False,
-        use_fp16=False,
-        num_heads=-1,
-        num_head_channels=-1,
-        num_heads_upsample=-1,
-        use_scale_shift_norm=False,
-        resblock_updown=False,
-        use_new_attention_order=False,
-        use_spatial_transformer=False,
-        transformer_depth=1,
-        context_dim=None,
-        n_embed=None,
-        legacy=True,
-        image_size=None,
-    ):
+    def __init__(self, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions, dropout=0,
+                 channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, num_classes=None, use_checkpoint=False,
+                 use_fp16=False, num_heads=-1, num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=False,
+                 resblock_updown=False, use_new_attention_order=False, use_spatial_transformer=False,
+                 transformer_depth=1, context_dim=None, n_embed=None, legacy=True, image_size=None):
         super().__init__()
-        for name, value, expected in [
-            ("conv_resample", conv_resample, True), ("dims", dims, 2), ("num_classes", num_classes, None),
-            ("use_scale_shift_norm", use_scale_shift_norm, False), ("resblock_updown", resblock_updown, False),
-            ("use_spatial_transformer", use_spatial_transformer, True), ("n_embed", n_embed, None),
-            ("num_head_channels", num_head_channels, -1),
-        ]:
-            _unsupported(name, value, expected)
+        given = locals()
+        for name, expected in SD_V1_ONLY.items():
+            if given[name] != expected:
+                raise ValueError(f"UNetModel: {name}={given[name]!r} is not supported (only the SD v1 UNet is); "
+                                 f"use {name}={expected!r}")
         if context_dim is None:
             raise ValueError("UNetModel: context_dim is required with a spatial transformer; SD v1 uses context_dim: 768")
         if num_heads < 1:
@@ -136,9 +92,8 @@ class UNetModel(nn.Module):
 
         self.model_channels = model_channels
         time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
-        )
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
+                                        nn.Linear(time_embed_dim, time_embed_dim))
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
         skip_channels = [model_channels]  # widths of the activations the decoder half concatenates back
@@ -170,9 +125,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
-        )
+        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def forward(self, x, timesteps, context=None):
         """Predicted noise for latents x (b, c, h, w) at `timesteps` (b,) or one shared timestep, given the text

@@ -36,6 +36,17 @@ def zero_module(module):
     return module
 
 
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 convolution (the UNet's and the VAE's, same keys)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
 class GroupNorm32(nn.GroupNorm):
     # Normalises in float32 even in a half-precision model, as the reference does, to avoid overflow.
     def forward(self, x):
@@ -43,17 +54,10 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
-def normalization(channels):
-    return GroupNorm32(32, channels)
-
-
 def checkpoint(func, inputs, enabled, training=False):
-    """func(*inputs), recomputing its activations during backward instead of storing them when `enabled`.
-
-    Only worth it (and only done) while autograd records a graph through this block: grad mode on and either
-    the module trains or an input needs a gradient (CatVersion: the frozen UNet back-propagates into the
-    text conditioning).
-    """
+    """func(*inputs), recomputing its activations during backward instead of storing them when `enabled` and autograd
+    records a graph through this block: grad mode on and the module trains or an input needs a gradient (CatVersion:
+    the frozen UNet back-propagates into the text conditioning)."""
     needs_graph = training or any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
     if enabled and torch.is_grad_enabled() and needs_graph:
         return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)

@@ -1,28 +1,23 @@
 """CatVersion's learned keys and values, concatenated to the CLIP text encoder's self-attention.
 
-For each covered layer, `num_tokens` extra key and value vectors, already in head space (they never pass
-through `k_proj`/`v_proj`), are *prepended* to the layer's keys and values. Every one of the 77 queries
-sees them (the causal mask only restricts the ordinary tokens), and their attention logits get
-`logit_bias` added: the reference implementation concatenated a tensor of ones to its additive causal
-mask, so its released adapters were trained with +1.0 on these logits (0.0 gives the "clean" variant).
+For each covered layer, `num_tokens` extra key and value vectors, already in head space (they never pass through
+`k_proj`/`v_proj`), are *prepended* to the layer's keys and values. All 77 queries see them (the causal mask only
+restricts the ordinary tokens), and their logits get `logit_bias` added: the reference concatenated a tensor of ones
+to its additive causal mask, so its released adapters were trained with +1.0 (0.0 gives the "clean" variant).
 
 All numbers live in ONE flat parameter `control_trans` in the reference layout, read as
-`view(batch, num_tokens, n_layers * 2, heads, head_dim).permute(2, 0, 3, 1, 4).split(2)`:
-index 2*i along the `n_layers * 2` axis holds the keys of the i-th covered layer, 2*i+1 its values.
-With `concepts` = n > 1 the parameter holds n such blocks one after the other (one concept each, trained together
-in one run); `kv(layer, batch, concept)` then gives each batch row the K/V of its own concept.
+`view(batch, num_tokens, n_layers * 2, heads, head_dim).permute(2, 0, 3, 1, 4).split(2)`: index 2*i along the
+`n_layers * 2` axis holds the keys of the i-th covered layer, 2*i+1 its values. With `concepts` = n > 1 it holds n
+such blocks (one concept each, trained together); `kv(layer, batch, concept)` gives each row its own concept's K/V.
 
-Strength s (inference knob): log(s) is added to the extra columns' logits, i.e. the extra tokens'
-unnormalised attention weights are multiplied by s, as if the concept token appeared s times.
-s = 1 is the adapter exactly as trained; s = 0 bypasses the adapter entirely, so the text encoder is
-bit for bit the base model; values between or above interpolate/extrapolate smoothly.
+Strength s (inference): log(s) is added to the extra logits, as if the concept token appeared s times. s = 1 is the
+adapter as trained; s = 0 bypasses it, so the text encoder is bit for bit the base model.
 
-`concat_kv_attention` is registered with transformers as attention implementation "catversion". It
-finds the extra K/V of the module it serves in the `catversion_kv` keyword argument (a dict from
-attention module to a list of (keys, values, logit offset), one entry per active adapter), which
-`CLIPTextModel.forward(**kwargs)` hands down to every attention call. transformers builds no mask for an
-implementation it has no mask function for, so the layers get attention_mask=None and is_causal=True,
-exactly as with the stock "sdpa" implementation (SD v1 conditioning never passes a padding mask).
+`concat_kv_attention` is the transformers attention implementation "catversion". It finds the extra K/V of the module
+it serves in the `catversion_kv` keyword (attention module -> [(keys, values, logit offset)], one per active adapter),
+which `CLIPTextModel.forward(**kwargs)` hands down to every attention call. transformers builds no mask for an
+implementation without a mask function, so the layers get attention_mask=None and is_causal=True, exactly as with
+"sdpa" (SD v1 conditioning never passes a padding mask).
 """
 import math
 
@@ -87,10 +82,6 @@ class ConcatKV(nn.Module):
         if self.concepts == 1:
             return k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
         return k[concept], v[concept]
-
-    def extra_repr(self):
-        return (f"layers={self.layers}, num_tokens={self.num_tokens}, logit_bias={self.logit_bias}, strength={self.strength}"
-                f", concepts={self.concepts}")
 
 
 def concat_kv_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, catversion_kv=None, **kwargs):

@@ -3,6 +3,7 @@ import contextlib
 import json
 import os
 import warnings
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -27,18 +28,17 @@ AUTHORS_CONFIG, AUTHORS_WEIGHTS, OUR_WEIGHTS = "adapter_config.json", "pytorch_a
 _AUTHORS_TAIL = "prefix_tunings.prefix_tuning1.clip_text_model_self_prefix.control_trans"
 _AUTHORS_LAYER_KEY = "text_model.encoder.layers.{}.self_attn.prefix_tuning.pool." + _AUTHORS_TAIL
 _AUTHORS_POOL_KEY = "prefix_tuning." + _AUTHORS_TAIL
+_ANOTHER_MODEL = "was it trained for another base model?"
 _CONCAT_KV_KNOBS = ("layers", "num_tokens", "init", "logit_bias", "strength", "concepts")
 
 
 class FrozenCLIPEmbedder(nn.Module):
     """Prompts -> CLIP `last_hidden_state` (b, 77, width), frozen; optional CatVersion adapters.
 
-    Adapters are kept out of `state_dict()` (so base checkpoints stay clean) and out of `parameters()`
-    (train them through `adapter_parameters()`); they do follow `.to()`/`.half()`/`.cuda()`.
-    The first adapter is the trainable one (built from `concat_kv`, or loaded with `stack=False`);
-    adapters loaded with `stack=True` are further concepts, frozen, active together with it.
-    A trainable adapter of several concepts (`concat_kv.concepts`) conditions each batch row through its own concept:
-    the encoding methods then take `concepts`, one concept index per row.
+    Adapters stay out of `state_dict()` (base checkpoints stay clean) and `parameters()` (train them through
+    `adapter_parameters()`), but follow `.to()`. The first is the trainable one (from `concat_kv`, or loaded with
+    `stack=False`); `stack=True` adds further concepts, frozen, active together with it. With an adapter of several
+    concepts (`concat_kv.concepts`) the encoding methods take `concepts`, each batch row's concept index.
     """
 
     def __init__(self, text_config=None, max_length=77, concat_kv=None, freeze=True, **ignored):
@@ -47,9 +47,11 @@ class FrozenCLIPEmbedder(nn.Module):
         self.transformer = CLIPTextModel._from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
         self.tokenizer = build_clip_tokenizer(max_length)
         self.max_length = max_length
+        self.width, self.heads = config.hidden_size, config.num_attention_heads
+        self.num_layers = config.num_hidden_layers
         self.frozen = freeze
         if freeze:
-            self.freeze()
+            self.transformer.eval().requires_grad_(False)
         self._adapters = []  # a plain list, not a ModuleList: see the class docstring
         self._adapters_enabled = True
         if concat_kv is not None:
@@ -57,12 +59,6 @@ class FrozenCLIPEmbedder(nn.Module):
             if unknown:
                 raise ValueError(f"unknown concat_kv option(s) {sorted(unknown)}; known: {list(_CONCAT_KV_KNOBS)}")
             self._attach(ConcatKV(config.hidden_size, config.num_attention_heads, **concat_kv), trainable=True, source="concat_kv")
-
-    # --- frozen CLIP -------------------------------------------------------------------------------
-    def freeze(self):
-        self.transformer.eval()
-        for p in self.transformer.parameters():
-            p.requires_grad = False
 
     def train(self, mode=True):
         super().train(mode)
@@ -77,18 +73,6 @@ class FrozenCLIPEmbedder(nn.Module):
             adapter._apply(fn, recurse)
         return self
 
-    @property
-    def width(self):
-        return self.transformer.config.hidden_size
-
-    @property
-    def heads(self):
-        return self.transformer.config.num_attention_heads
-
-    @property
-    def num_layers(self):
-        return self.transformer.config.num_hidden_layers
-
     # --- text -> conditioning ----------------------------------------------------------------------
     def tokenize(self, text):
         """list[str] -> LongTensor (b, max_length): BOS, tokens, EOS, padded with EOS; warns once if any prompt was cut."""
@@ -102,9 +86,7 @@ class FrozenCLIPEmbedder(nn.Module):
     def encode_tokens(self, tokens, concepts=None):
         """Token ids (b, max_length) -> last_hidden_state (b, max_length, width), with the active adapters."""
         tokens = tokens.to(self.transformer.device)
-        extra = self._extra_kv(tokens.shape[0], concepts)
-        kwargs = {"catversion_kv": extra} if extra else {}
-        return self.transformer(input_ids=tokens, **kwargs).last_hidden_state
+        return self.transformer(input_ids=tokens, catversion_kv=self._extra_kv(len(tokens), concepts)).last_hidden_state
 
     def forward(self, text, concepts=None):
         return self.encode_tokens(self.tokenize(text), concepts)
@@ -138,11 +120,10 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def encode_from_hidden(self, hidden, start, concepts=None):
         """Layers `start`.. (with the active adapters) and the final layer norm, from `frozen_hidden_states(tokens, start)`."""
-        extra = self._extra_kv(hidden.shape[0], concepts)
-        kwargs = {"catversion_kv": extra} if extra else {}
+        extra = self._extra_kv(len(hidden), concepts)
         for layer in self.transformer.encoder.layers[start:]:
             # CLIPTextModel.forward hands its layers no mask and is_causal=True (see concat_kv); so do we.
-            hidden = layer(hidden, None, is_causal=True, **kwargs)
+            hidden = layer(hidden, None, is_causal=True, catversion_kv=extra)
         return self.transformer.final_layer_norm(hidden)
 
     def _active_adapters(self):
@@ -182,22 +163,15 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def _attach(self, adapter, trainable, source):
         if adapter.width != self.width or adapter.heads != self.heads:
-            raise ValueError(
-                f"adapter {source} was made for a text encoder of width {adapter.width} with {adapter.heads} heads, "
-                f"this one has width {self.width} with {self.heads} heads; was it trained for another base model?"
-            )
+            raise ValueError(f"adapter {source} was made for a text encoder of width {adapter.width} with "
+                             f"{adapter.heads} heads, this one has width {self.width} with {self.heads} heads; "
+                             f"{_ANOTHER_MODEL}")
         if max(adapter.layers) >= self.num_layers:
-            raise ValueError(
-                f"adapter {source} covers layers {adapter.layers}, but this text encoder has layers 0-{self.num_layers - 1}; "
-                "was it trained for another base model?"
-            )
-        p = next(self.transformer.parameters())
-        adapter.to(device=p.device, dtype=p.dtype)
+            raise ValueError(f"adapter {source} covers layers {adapter.layers}, but this text encoder has layers "
+                             f"0-{self.num_layers - 1}; {_ANOTHER_MODEL}")
+        adapter.to(next(self.transformer.parameters()))  # its device and dtype
         adapter.control_trans.requires_grad_(trainable)
-        if trainable:
-            self._adapters = [adapter]
-        else:
-            self._adapters.append(adapter)
+        self._adapters = [adapter] if trainable else [*self._adapters, adapter]
 
     def adapter_save(self, directory, metadata=None, concept=0):
         """Write the trainable adapter (its concept `concept`) to `directory` in the authors' format and as
@@ -219,10 +193,10 @@ class FrozenCLIPEmbedder(nn.Module):
         }
         authors = {**{_AUTHORS_LAYER_KEY.format(i): flat for i in a.layers}, _AUTHORS_POOL_KEY: flat}
         ours = {"layers": json.dumps(a.layers), "num_tokens": str(a.num_tokens), "logit_bias": repr(a.logit_bias),
-                "width": str(a.width), "heads": str(a.heads)}
-        ours.update({str(k): str(v) for k, v in (metadata or {}).items()})
+                "width": str(a.width), "heads": str(a.heads), **{str(k): str(v) for k, v in (metadata or {}).items()}}
         os.makedirs(directory, exist_ok=True)
-        atomic_write(os.path.join(directory, AUTHORS_CONFIG), lambda p: _write_text(p, json.dumps(config, indent=2)))
+        atomic_write(os.path.join(directory, AUTHORS_CONFIG),
+                     lambda p: Path(p).write_text(json.dumps(config, indent=2), encoding="utf-8"))
         atomic_write(os.path.join(directory, AUTHORS_WEIGHTS), lambda p: torch.save(authors, p))
         atomic_write(os.path.join(directory, OUR_WEIGHTS), lambda p: save_file({"control_trans": flat}, p, metadata=ours))
 
@@ -249,28 +223,21 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def _authors_layers(self, path, numel, knobs):
         """Layer set of a file without our metadata: from the number of floats, the deepest layers (or leave_out)."""
-        per_layer = 2 * self.width * knobs["num_tokens"]
+        tokens = knobs["num_tokens"]
+        per_layer = 2 * self.width * tokens
         if numel % per_layer:
-            raise ValueError(
-                f"adapter {path} has {numel} numbers, which is not a multiple of 2*{self.width}*{knobs['num_tokens']} for this "
-                f"text encoder (width {self.width}, {knobs['num_tokens']} token(s)); was it trained for another base model?"
-            )
+            raise ValueError(f"adapter {path} has {numel} numbers, which is not a multiple of 2*{self.width}*{tokens} "
+                             f"for this text encoder (width {self.width}, {tokens} token(s)); {_ANOTHER_MODEL}")
         n = numel // per_layer
         if n > self.num_layers:
-            raise ValueError(
-                f"adapter {path} has {numel} numbers = {n} layers x 2 x width {self.width} x {knobs['num_tokens']} token(s), "
-                f"but this text encoder has {self.num_layers} layers; was it trained for another base model?"
-            )
-        leave_out = knobs.get("leave_out") or []
+            raise ValueError(f"adapter {path} has {numel} numbers = {n} layers x 2 x width {self.width} x {tokens} "
+                             f"token(s), but this text encoder has {self.num_layers} layers; {_ANOTHER_MODEL}")
+        leave_out = knobs.get("leave_out")
         layers = [i for i in range(self.num_layers) if i not in leave_out] if leave_out else list(range(self.num_layers - n, self.num_layers))
         if len(layers) != n:
-            raise ValueError(f"adapter {path} has {n} layers of numbers but its adapter_config.json leave_out keeps {len(layers)}; the files do not belong together")
+            raise ValueError(f"adapter {path} has {n} layers of numbers but its adapter_config.json leave_out keeps "
+                             f"{len(layers)}; the files do not belong together")
         return layers
-
-
-def _write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def _read_safetensors(path):

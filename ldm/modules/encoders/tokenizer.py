@@ -1,10 +1,8 @@
-"""The SD v1 CLIP tokenizer, built offline.
+"""The SD v1 CLIP tokenizer, built offline: OpenAI CLIP's byte-level BPE vocabulary, derived as CLIP derives it from
+the merges file that ships inside `open_clip_torch`, handed to transformers' fast `CLIPTokenizer` in memory.
 
-Stable Diffusion v1 uses OpenAI CLIP's byte-level BPE (the `bpe_simple_vocab_16e6` merges). The merges file
-ships inside `open_clip_torch`, so the vocabulary is derived from it here exactly as OpenAI CLIP derives its
-encoder, and handed to transformers' `CLIPTokenizer` (fast, `tokenizers`-backed) in memory: no hub access.
-transformers 5.x takes the vocabulary as `vocab=`/`merges=`; the 4.x spelling `vocab_file=` silently yields an
-empty vocabulary, which is why the tests compare ids against open_clip's own `SimpleTokenizer`.
+transformers 5.x takes `vocab=`/`merges=`; the 4.x spelling `vocab_file=` silently yields an empty vocabulary, which
+is why the tests compare ids against open_clip's own `SimpleTokenizer`.
 """
 import functools
 import gzip
@@ -18,11 +16,8 @@ VOCAB_SIZE = 49408
 
 
 def _byte_symbols():
-    """OpenAI CLIP's printable stand-in for each of the 256 bytes, in vocabulary order.
-
-    Printable Latin-1 bytes stand for themselves; the others (control chars, space, ...) are mapped to
-    code points from 256 upwards, in byte order. The order of this list is the order of the first 256 ids.
-    """
+    """OpenAI CLIP's stand-in for each of the 256 bytes, in the order of the first 256 ids: printable Latin-1 bytes
+    stand for themselves, the others (control chars, space, ...) for code points from 256 up, in byte order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
