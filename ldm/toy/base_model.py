@@ -108,7 +108,7 @@ def train_unet(model, n_scenes, steps, batch_size, lr, seed, ema_decay=0.999, of
     tokens = text_encoder.tokenize(captions)
     with torch.no_grad():  # the text encoder is frozen: every caption is encoded once
         cond = torch.cat([text_encoder.encode_tokens(tokens[i:i + 256]) for i in range(0, len(tokens), 256)])
-    unet = model.model
+    unet = model.model.diffusion_model
     unet.train().requires_grad_(True)
     ema = torch.optim.swa_utils.AveragedModel(unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
     opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=0.0)
