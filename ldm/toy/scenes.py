@@ -94,7 +94,7 @@ def random_scene(rng, size=64, stripe_p=0.25, drop_colour_p=0.3, drop_background
     others = [c for c in names if c != background]
     colour = stripes = None
     if rng.random() < stripe_p:
-        while stripes is None or (shape == CONCEPT_SHAPE and set(stripes) == set(CONCEPT_STRIPES)):
+        while stripes is None or set(stripes) == set(CONCEPTS.get(shape, ())):
             stripes = tuple(rng.sample(others, 2))
     else:
         colour = rng.choice(others)
