@@ -134,6 +134,26 @@ def test_field_metrics_equal_direct_computations(tmp_path):
     assert means["geometric_mean"] == pytest.approx((max(means["clip_i"], 0) * max(means["clip_t"], 0)) ** 0.5)
 
 
+def test_toy_without_concepts_draws_the_three_toy_concepts_and_finishes_a_cut_short_one(tmp_path):
+    """`compare --toy` alone (the README's command) draws CONCEPTS into <out>/concepts, each with its word and stripes;
+    a folder left without its concept.yaml (a run cut short) is drawn again, a finished one is left alone."""
+    from ldm.toy.scenes import CONCEPTS
+
+    opt = compare.get_parser().parse_args(["--toy", "--out", str(tmp_path)])
+    concepts, methods, prompts = compare.prepare(opt)
+    assert {c["word"]: tuple(c["stripes"]) for c in concepts.values()} == CONCEPTS
+    assert all(len(os.listdir(c["root"])) == 6 for c in concepts.values())  # 5 images and concept.yaml
+    assert "catversion" in methods and prompts
+    first, second = sorted(concepts.values(), key=lambda c: c["word"])[:2]
+    os.remove(os.path.join(first["root"], "concept.yaml"))
+    os.remove(os.path.join(first["root"], "00.png"))
+    os.remove(os.path.join(second["root"], "00.png"))
+    again, _, _ = compare.prepare(compare.get_parser().parse_args(["--toy", "--out", str(tmp_path)]))
+    assert again == concepts
+    assert os.path.isfile(os.path.join(first["root"], "00.png"))
+    assert not os.path.exists(os.path.join(second["root"], "00.png"))
+
+
 @pytest.mark.parametrize("case, message", [
     ("empty_concept", "no images"),
     ("unknown_method", "is no preset"),

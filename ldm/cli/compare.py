@@ -54,6 +54,7 @@ def get_parser():
 
 def prepare(opt):
     """Defaults filled in and every input checked, before anything trains."""
+    from ldm import report
     from ldm.evaluation import comparison
     from ldm.toy.scenes import CONCEPTS, write_concept_folder
 
@@ -64,10 +65,10 @@ def prepare(opt):
         opt.concepts = os.path.join(opt.out, "concepts")
         for shape, stripes in CONCEPTS.items():
             folder = os.path.join(opt.concepts, f"{shape}_{'_'.join(stripes)}")
-            if not os.path.isdir(folder):
+            yaml = os.path.join(folder, "concept.yaml")
+            if not os.path.isfile(yaml):  # written last: a folder without it was cut short and is drawn again
                 write_concept_folder(folder, shape=shape)
-                with open(os.path.join(folder, "concept.yaml"), "w") as f:
-                    f.write(f"word: {shape}\nstripes: [{', '.join(stripes)}]\n")
+                report.write_files({yaml: f"word: {shape}\nstripes: [{', '.join(stripes)}]\n"})
     if opt.concepts is None:
         raise ValueError("pass --concepts with a folder of concept folders (or --toy for the toy world)")
     if opt.n_images < 1:
