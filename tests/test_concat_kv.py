@@ -268,3 +268,26 @@ def test_bin_is_loaded_without_running_pickled_code(emb, tmp_path):
         emb.adapter_load(tmp_path / "pytorch_adapter.bin")
     assert len(str(e.value).splitlines()) == 1
     assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"layers": [9, 9]}, "concat_kv layers must be distinct non-negative layer indices, got [9, 9]"),
+    ({"layers": []}, "concat_kv layers must be distinct non-negative layer indices, got []"),
+    ({"layers": [-1, 11]}, "concat_kv layers must be distinct non-negative layer indices, got [-1, 11]"),
+    ({"layers": [10, 12]}, "covers layers [10, 12], but this text encoder has layers 0-11"),
+    ({"num_tokens": 0}, "concat_kv num_tokens must be >= 1, got 0"),
+    ({"init": "ones"}, "concat_kv init must be 'randn' (as the reference) or 'zeros', got 'ones'"),
+    ({"concepts": 0}, "concat_kv concepts must be >= 1, got 0"),
+    ({"layer": [9]}, "unknown concat_kv option(s) ['layer']; known: ['layers',"),
+])
+def test_bad_concat_kv_options_are_refused_by_name(knobs, message):
+    with pytest.raises(ValueError) as e:
+        FrozenCLIPEmbedder(text_config=TINY_TEXT, concat_kv=knobs)
+    assert message in str(e.value)
+
+
+def test_width_not_divisible_by_heads_is_refused():
+    from ldm.modules.encoders.concat_kv import ConcatKV
+
+    with pytest.raises(ValueError, match="width 64 is not divisible by 3 heads"):
+        ConcatKV(64, 3)
