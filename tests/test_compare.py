@@ -177,3 +177,16 @@ def test_bad_input_is_one_line_before_any_training(tmp_path, case, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_readers_refuse_missing_files_repeated_methods_and_empty_folders(tmp_path):
+    with pytest.raises(ValueError, match="prompt file not found: .*nope.txt; pass --prompts"):
+        comparison.read_prompts(str(tmp_path / "nope.txt"))
+    with pytest.raises(ValueError, match=r"--methods names a method twice: \['catversion', 'catversion'\]"):
+        comparison.read_methods("configs/compare/methods.yaml", ["catversion", "catversion"])
+    with pytest.raises(ValueError, match="concept folder not found: .*nope; pass --concepts"):
+        comparison.read_concepts(str(tmp_path / "nope"))
+    (tmp_path / "concepts" / ".hidden").mkdir(parents=True)
+    (tmp_path / "concepts" / "notes.txt").write_text("not a concept")
+    with pytest.raises(ValueError, match="no concept folders in .*concepts; put one folder of photos per concept"):
+        comparison.read_concepts(str(tmp_path / "concepts"))

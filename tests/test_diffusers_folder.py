@@ -147,3 +147,23 @@ def test_broken_folders_give_one_line_errors(models, tmp_path):
     os.makedirs(tmp_path / "empty")
     assert "not a diffusers model" in _error(tmp_path / "empty")
     assert "or of a diffusers folder" in _error(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing_shard", "names 1 shard(s) that are not there, e.g. "),
+    ("garbled_index", "cannot read shard index "),
+])
+def test_an_incomplete_sharded_folder_is_refused_with_the_fix(models, tmp_path, damage, message):
+    folder = write_folder(models, tmp_path / "sd", max_shard_size="300KB")
+    unet = os.path.join(folder, "unet")
+    index = os.path.join(unet, "diffusion_pytorch_model.safetensors.index.json")
+    if damage == "missing_shard":
+        shard = sorted(f for f in os.listdir(unet) if f.endswith(".safetensors"))[-1]
+        os.remove(os.path.join(unet, shard))
+    else:
+        with open(index, "w") as f:
+            f.write('{"weight_map": ')
+    with pytest.raises(WeightsError) as e:
+        read_state_dict(folder)
+    assert message in str(e.value) and index in str(e.value)
+    assert str(e.value).endswith("the folder is incomplete, download it again")

@@ -168,3 +168,16 @@ def test_textual_inversion_training_changes_only_its_vector(tiny_ckpt, example_d
     assert not torch.equal(trainable[0][0], start)
     tokens, vectors = read_embeddings(os.path.join(logdir, "checkpoints", "adapter", "embeddings.pt"))
     assert tokens == {"*": STAR} and torch.equal(vectors["*"], trainable[0].detach())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"placeholder_strings": []}, "placeholder_strings must be distinct and at least one, got []"),
+    ({"placeholder_strings": ["*", "*"]}, "placeholder_strings must be distinct and at least one, got ['*', '*']"),
+    ({"initializer_words": ["circle", "square"]}, "2 initializer_words for 1 placeholder_strings"),
+    ({"num_vectors_per_token": 0}, "num_vectors_per_token must be >= 1, got 0"),
+    ({"per_image_tokens": True}, "per_image_tokens and progressive_words are not supported"),
+])
+def test_bad_manager_options_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        EmbeddingManager(**kwargs)
+    assert message in str(e.value)
