@@ -291,3 +291,31 @@ def test_width_not_divisible_by_heads_is_refused():
 
     with pytest.raises(ValueError, match="width 64 is not divisible by 3 heads"):
         ConcatKV(64, 3)
+
+
+def test_damaged_adapter_files_are_refused_by_what_is_wrong(emb, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(ValueError, match=r"no adapter to save; build the embedder with concat_kv=\{\.\.\.\}"):
+        FrozenCLIPEmbedder(text_config=TINY_TEXT).adapter_save(tmp_path / "none")
+    emb.adapter_save(tmp_path / "a")
+    ours, authors = tmp_path / "a" / "catversion.safetensors", tmp_path / "a" / "pytorch_adapter.bin"
+    with safe_open(ours, "pt") as f:
+        metadata = f.metadata()
+    save_file({"control_trans": load_file(ours)["control_trans"][:-1].contiguous()}, ours, metadata=metadata)
+    with pytest.raises(ValueError, match=f"adapter {ours} has 383 numbers, its metadata implies 384; the file is corrupt"):
+        emb.adapter_load(ours)
+
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config["config"]["leave_out"] = [0]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"adapter {authors} has 3 layers of numbers but its adapter_config.json "
+                                         "leave_out keeps 11; the files do not belong together"):
+        emb.adapter_load(authors)
+
+    state = torch.load(authors, weights_only=True)
+    first = next(iter(state))
+    state[first] = state[first] + 1  # the four copies no longer agree
+    torch.save(state, authors)
+    with pytest.raises(ValueError, match=f"adapter {authors} has no single `...control_trans` tensor"):
+        emb.adapter_load(authors)

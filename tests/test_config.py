@@ -151,3 +151,15 @@ def test_a_library_s_disk_full_error_names_the_fix(capsys):
             raise OSError(errno.ENOSPC, "No space left on device", "/data/last.ckpt")
     assert capsys.readouterr().err == ("error: cannot write /data/last.ckpt (No space left on device); free disk space or "
                                        "raise the file-size limit (ulimit -f), or write elsewhere\n")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- just\n- a list\n", "is not a mapping of keys to values; start from configs/stable-diffusion/v1-finetune.yaml"),
+    ("model:\n  base_learning_rate: ${nowhere.lr}\n", "config: Interpolation key 'nowhere.lr' not found; check the ${...}"),
+])
+def test_a_config_that_is_no_mapping_or_points_nowhere_is_one_line(text, message, tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(text)
+    with pytest.raises(ValueError) as e:
+        cfg.load_config(_opt(str(extra)), [])
+    assert message in str(e.value) and "\n" not in str(e.value)

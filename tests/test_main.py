@@ -191,3 +191,26 @@ def test_sigint_saves_and_resume_finishes(tiny_ckpt, example_data, tmp_path):
     reference = torch.load(os.path.join(straight_dir, "checkpoints", "last.ckpt"), weights_only=True)
     got, expected = final["optimizer_states"][0]["state"], reference["optimizer_states"][0]["state"]
     assert all(torch.equal(got[i][k], expected[i][k]) for i in expected for k in ("exp_avg", "exp_avg_sq", "step"))
+
+
+def test_without_lr_scaling_the_base_rate_is_used_as_is():
+    config = OmegaConf.load("configs/stable-diffusion/v1-finetune.yaml")
+    lr, line = main.learning_rate(config, {"accumulate_grad_batches": 4}, ngpu=8, scale_lr=False)
+    assert lr == config.model.base_learning_rate == pytest.approx(5.0e-03)
+    assert line == "++++ NOT USING LR SCALING ++++\nSetting learning rate to 5.00e-03"
+
+
+def test_resume_from_a_run_without_a_checkpoint_or_from_another_file_is_refused(tmp_path):
+    from ldm.cli.train import resolve_resume
+    from ldm.weights import WeightsError
+
+    run = tmp_path / "logs" / "2026-12-01T00-00-00_test"
+    run.mkdir(parents=True)
+    opt = type("Opt", (), {"resume": str(run), "logdir": str(tmp_path / "logs")})()
+    with pytest.raises(ValueError, match=f"cannot resume: {run}/checkpoints/last.ckpt not found; the run saved no "
+                                         "checkpoint yet, start it again without --resume"):
+        resolve_resume(opt)
+    weights = tmp_path / "adapter.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(2)}}, weights)
+    with pytest.raises(WeightsError, match=f"cannot resume: {weights} is not a checkpoint of a training run"):
+        main.check_resumable(str(weights))

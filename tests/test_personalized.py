@@ -65,3 +65,23 @@ def test_image_over_the_decompression_bomb_limit_is_skipped(example_data, tmp_pa
     with pytest.warns(UserWarning, match=r"skipping unreadable images .*huge.png \(DecompressionBombError\)"):
         ds = PersonalizedBase(str(folder), base_class_word="circle", size=16)
     assert ds.num_images == 5
+
+
+def test_center_crop_takes_the_reference_s_centre_square_then_resizes(tmp_path):
+    """center_crop against the LDM dataset's numpy slice `img[(h - c) // 2:(h + c) // 2, (w - c) // 2:(w + c) // 2]`."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(1).integers(0, 256, (21, 36, 3), dtype=np.uint8)  # odd margins: 15 // 2 = 7
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    ds = PersonalizedBase(str(tmp_path), size=16, base_class_word="circle", center_crop=True)
+    h, w, c = 21, 36, 21
+    square = Image.fromarray(pixels[(h - c) // 2:(h + c) // 2, (w - c) // 2:(w + c) // 2])
+    expected = np.asarray(square.resize((16, 16), resample=Image.Resampling.BICUBIC), dtype=np.float32) / 127.5 - 1
+    assert np.array_equal(ds.prepare(0, flip=False), expected)
+    uncropped = PersonalizedBase(str(tmp_path), size=16, base_class_word="circle").prepare(0, flip=False)
+    assert not np.allclose(uncropped, expected, atol=0.1)  # the whole picture squeezed is another picture
+
+
+def test_unknown_interpolation_is_refused_with_the_choices(example_data):
+    with pytest.raises(ValueError, match=r"unknown interpolation 'cubic'; use one of \['bicubic', "):
+        PersonalizedBase(example_data, interpolation="cubic", base_class_word="circle")

@@ -178,6 +178,8 @@ BAD = [
     (["--plms", "--ddim_eta", "0.5"], "--plms is deterministic and takes no --ddim_eta"),
     (["--embedding_path", "{tmp}/nowhere"], "adapter not found: {tmp}/nowhere"),
     (["--embedding_path", "{tmp}"], "holds neither catversion.safetensors nor pytorch_adapter.bin"),
+    (["--embedding_path", "{tmp}/nowhere.pt"], "embeddings not found: {tmp}/nowhere.pt; pass the embeddings.pt of a"),
+    (["--config", "{tmp}/nope.yaml"], "config not found: {tmp}/nope.yaml; pass --config configs/stable-diffusion/"),
     (["--strength", "0.5"], "--strength needs an adapter to act on"),
     (["--from-file", "{tmp}/missing.txt"], "prompt file not found: {tmp}/missing.txt"),
     (["--from-file", "{tmp}/empty.txt"], "prompt file {tmp}/empty.txt has no prompts"),
